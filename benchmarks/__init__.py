@@ -1,0 +1,1 @@
+"""Benchmarks: kernel micro-benchmarks now; service latency and throughput later. Results in ``results/``."""

@@ -1,0 +1,1 @@
+"""The gRPC client library and the ``lumireg register`` command. Needs no torch."""

@@ -1,0 +1,1 @@
+"""LUMIR metrics (Dice, HD95, TRE, NDV) and the evaluation runner."""

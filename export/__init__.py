@@ -1,0 +1,1 @@
+"""Export of a checkpoint to ONNX (and TensorRT plans) into ``model_repository/``."""

@@ -1,0 +1,1 @@
+"""The registration network, its checkpoint format and the bundled default weights."""

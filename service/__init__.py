@@ -1,0 +1,1 @@
+"""Starting and stopping ``tritonserver`` on ``model_repository/``: settings, logging, health."""

@@ -1,0 +1,1 @@
+"""Unsupervised training: LUMIR dataset reader, synthetic pairs, losses built on ``lumireg.kernels``."""
