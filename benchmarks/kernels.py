@@ -1,0 +1,332 @@
+"""Kernel micro-benchmark: lumireg's kernels against the PyTorch paths users run today.
+
+``lumireg bench --kernels`` times, at one volume size (voxels; default LUMIR's
+160 x 224 x 192) and for each batch size, in float32, the forward pass and the
+forward + backward pass of
+
+- ``warp``: ours vs ``F.grid_sample`` on a stored identity grid (VoxelMorph's
+  ``SpatialTransformer``);
+- ``integrate`` (7 squarings): ours vs VoxelMorph's ``VecInt`` on that transformer;
+- ``local_ncc`` (9^3 window): ours vs VoxelMorph's ``NCC`` on ``F.conv3d`` with a
+  ones kernel.
+
+Each op is first checked against its reference on the same inputs (output, and
+gradients for the same upstream gradient); a mismatch fails the run. Times are
+medians in milliseconds: CUDA events on a GPU (L2 flushed before each call),
+``time.perf_counter`` on CPU, where "ours" is the op's PyTorch twin (path
+``torch-twin``: the Triton kernels need a GPU). Results: a table on the
+terminal and ``<out>/<device-slug>/kernels.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lumireg.kernels as kernels
+from lumireg.kernels._dispatch import use_triton
+
+OPS = ("warp", "integrate", "local_ncc")
+STEPS = 7  # scaling-and-squaring steps (LUMIR convention)
+WINDOW = 9  # local NCC window, voxels per side
+FWD_RTOL = 1e-3  # max |ours - ref| / max |ref| of the outputs
+GRAD_RTOL = 1e-2  # ||ours - ref|| / ||ref|| of the gradients; loose: trilinear's gradient jumps at integer coordinates
+# Fewest bytes per voxel per batch element, from DESIGN.md's H100 floors (about 3.0 TB/s).
+MIN_BYTES_PER_VOXEL = {("warp", "fwd"): 20, ("integrate", "fwd"): 24 * STEPS, ("local_ncc", "fwd+bwd"): 48}
+H100_BYTES_PER_S = 3.0e12
+REFERENCES = {
+    "warp": "grid_sample + stored grid",
+    "integrate": f"VecInt ({STEPS}x grid_sample + grid)",
+    "local_ncc": f"conv3d ones {WINDOW}^3",
+}
+
+
+class GridTransformer(torch.nn.Module):
+    """VoxelMorph's ``SpatialTransformer``: ``F.grid_sample`` on a stored grid of voxel coordinates.
+
+    ``forward(src (B, C, D, H, W), flow (B, 3, D, H, W) in voxels)`` pulls ``src``
+    back through ``flow``, trilinear, zero padding, ``align_corners=True``.
+    """
+
+    def __init__(self, size: tuple[int, int, int]):
+        super().__init__()
+        grid = torch.stack(torch.meshgrid([torch.arange(s) for s in size], indexing="ij")).unsqueeze(0).float()
+        self.register_buffer("grid", grid, persistent=False)
+
+    def forward(self, src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        new_locs = self.grid + flow
+        shape = flow.shape[2:]
+        for i in range(len(shape)):
+            new_locs[:, i, ...] = 2 * (new_locs[:, i, ...] / (shape[i] - 1) - 0.5)
+        new_locs = new_locs.permute(0, 2, 3, 4, 1)[..., [2, 1, 0]]
+        return F.grid_sample(src, new_locs, align_corners=True, mode="bilinear")
+
+
+def vecint_reference(transformer: GridTransformer, vec: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
+    """VoxelMorph's ``VecInt``: ``(B, 3, D, H, W)`` velocity (voxels) -> displacement (voxels)."""
+    vec = vec * (1.0 / 2**steps)
+    for _ in range(steps):
+        vec = vec + transformer(vec, vec)
+    return vec
+
+
+def ncc_reference(fixed: torch.Tensor, moving: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
+    """VoxelMorph's local NCC on ``F.conv3d``: ``(B, 1, D, H, W)`` pair -> ``(B,)`` mean local cc.
+
+    Zero padding, ``window``^3 voxels; VoxelMorph's loss is minus the batch mean of this.
+    """
+    ones = torch.ones(1, 1, window, window, window, dtype=fixed.dtype, device=fixed.device)
+    n = window**3
+    I, J = fixed, moving
+    I_sum, J_sum, I2_sum, J2_sum, IJ_sum = (F.conv3d(t, ones, padding=window // 2) for t in (I, J, I * I, J * J, I * J))
+    u_I, u_J = I_sum / n, J_sum / n
+    cross = IJ_sum - u_J * I_sum - u_I * J_sum + u_I * u_J * n
+    I_var = I2_sum - 2 * u_I * I_sum + u_I * u_I * n
+    J_var = J2_sum - 2 * u_J * J_sum + u_J * u_J * n
+    cc = cross * cross / (I_var * J_var + 1e-5)
+    return cc.flatten(1).mean(1)
+
+
+def _smooth(batch, channels, shape, amplitude, factor, gen, device) -> torch.Tensor:
+    """A random field in [-amplitude, amplitude], trilinear from a grid ``factor`` times coarser."""
+    coarse = [max(2, s // factor) for s in shape]
+    low = (torch.rand(batch, channels, *coarse, generator=gen) * 2 - 1) * amplitude
+    return F.interpolate(low.to(device), size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def _setup(op, shape, batch, device, gen):
+    """Inputs, indices of those that take gradients, upstream gradient, ours and the reference."""
+    if op == "warp":
+        image = _smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5
+        disp = _smooth(batch, 3, shape, 5.0, 16, gen, device)
+        transformer = GridTransformer(shape).to(device)
+        return (image, disp), (0, 1), image, kernels.warp, transformer
+    if op == "integrate":
+        velocity = _smooth(batch, 3, shape, 10.0, 16, gen, device)
+        transformer = GridTransformer(shape).to(device)
+        return (velocity,), (0,), velocity, lambda v: kernels.integrate(v, STEPS), lambda v: vecint_reference(transformer, v)
+    fixed = _smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5
+    moving = 0.7 * fixed + 0.3 * (_smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5)
+    # training differentiates the loss in the (warped) moving image only
+    return (fixed, moving), (1,), fixed[:, 0, 0, 0, 0], lambda f, m: kernels.local_ncc(f, m, WINDOW), ncc_reference
+
+
+def _forward_backward(fn, inputs, grad_idx, grad_out):
+    x = [t.detach().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+    out = fn(*x)
+    return out.detach(), torch.autograd.grad(out, [x[i] for i in grad_idx], grad_out)
+
+
+def _compare(ours, ref):
+    """``(max |ours - ref|, max |ours - ref| / max |ref|, ||ours - ref|| / ||ref||)`` over tensor pairs."""
+    max_abs = max_rel = l2_rel = 0.0
+    for a, b in zip(ours, ref):
+        diff = (a.double() - b.double()).abs()
+        max_abs = max(max_abs, diff.max().item())
+        max_rel = max(max_rel, diff.max().item() / max(b.abs().max().item(), 1e-30))
+        l2_rel = max(l2_rel, diff.norm().item() / max(b.double().norm().item(), 1e-30))
+    return max_abs, max_rel, l2_rel
+
+
+def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
+    """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
+        for _ in range(repeats):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _run_case(op, shape, batch, device, args) -> list[dict]:
+    """Check ours against the reference, then time both, forward and forward + backward: two rows."""
+    gen = torch.Generator().manual_seed(1000 * OPS.index(op) + batch)
+    inputs, grad_idx, like, ours, ref = _setup(op, shape, batch, device, gen)
+    grad_out = torch.randn(like.shape, generator=gen).to(device)
+    cuda = device.type == "cuda"
+    rows = [
+        {"op": op, "pass": p, "batch": batch, "path": "triton" if use_triton("auto", inputs[0]) else "torch-twin",
+         "reference": REFERENCES[op]}
+        for p in ("fwd", "fwd+bwd")
+    ]
+    ref_out, ref_grads = _forward_backward(ref, inputs, grad_idx, grad_out)
+    our_out, our_grads = _forward_backward(ours, inputs, grad_idx, grad_out)
+    for row, (pair, rtol) in zip(rows, ((([our_out], [ref_out]), FWD_RTOL), ((our_grads, ref_grads), GRAD_RTOL))):
+        max_abs, max_rel, l2_rel = _compare(*pair)
+        err = max_rel if row["pass"] == "fwd" else l2_rel
+        row.update(max_abs_diff=max_abs, rel_err=err, tolerance=rtol, check="ok" if err <= rtol else "FAIL")
+    del ref_out, ref_grads, our_out, our_grads
+
+    leaves = [t.detach().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+    wrt = [leaves[i] for i in grad_idx]
+    voxels = batch * shape[0] * shape[1] * shape[2]
+    for row in rows:
+        for side, fn in (("ours", ours), ("ref", ref)):
+            if row["pass"] == "fwd":
+                def call(fn=fn):
+                    with torch.no_grad():
+                        fn(*inputs)
+            else:
+                def call(fn=fn):
+                    torch.autograd.grad(fn(*leaves), wrt, grad_out)
+            row[f"{side}_ms"] = _median_ms(call, args.warmup, args.repeats, cuda)
+        row["speedup"] = row["ref_ms"] / row["ours_ms"]
+        per_voxel = MIN_BYTES_PER_VOXEL.get((op, row["pass"]))
+        if cuda and per_voxel:
+            row["ours_TBps"] = per_voxel * voxels / (row["ours_ms"] * 1e-3) / 1e12
+            row["floor_ms_h100"] = per_voxel * voxels / H100_BYTES_PER_S * 1e3
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", text.lower())).strip("-")
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _print_table(rows, cuda: bool) -> None:
+    head = f"{'op':<10} {'pass':<8} {'B':>2} {'path':<10} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8} {'max|diff|':>9} {'check':<5}"
+    print(head + (f" {'TB/s':>5} {'floor ms':>8}" if cuda else ""))
+    print("-" * len(head) + ("-" * 15 if cuda else ""))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} ERROR: {r['error']}")
+            continue
+        line = (f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} {r['path']:<10} {r['ours_ms']:>9.3f} {r['ref_ms']:>9.3f} "
+                f"{r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e} {r['check']:<5}")
+        if cuda and "ours_TBps" in r:
+            line += f" {r['ours_TBps']:>5.2f} {r['floor_ms_h100']:>8.3f}"
+        print(line)
+
+
+def run(args) -> int:
+    """Run the benchmark for ``lumireg bench --kernels``; 0 if every op ran and matched its reference, else 1.
+
+    Uses ``args.shape`` ("D,H,W", voxels), ``args.batch_sizes`` ("1,4"),
+    ``args.warmup`` / ``args.repeats`` (calls), ``args.device`` ("auto", "cuda"
+    or "cpu") and ``args.out`` (results folder; one sub-folder per device).
+    """
+    try:
+        shape = tuple(int(s) for s in args.shape.split(","))
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        if len(shape) != 3 or min(shape) < 2 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
+            raise ValueError
+    except ValueError:
+        print(f"lumireg bench: need --shape D,H,W (each >= 2), --batch-sizes of ints >= 1, --repeats >= 1, "
+              f"--warmup >= 0; got {args.shape!r}, {args.batch_sizes!r}, {args.repeats}, {args.warmup}", file=sys.stderr)
+        return 2
+    if args.device not in ("auto", "cuda", "cpu"):
+        print(f"lumireg bench: --device must be auto, cuda or cpu, got {args.device!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("lumireg bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu {_cpu_model()}"
+    if not cuda:
+        print("CPU run: 'ours' is each op's PyTorch twin (path torch-twin); the Triton kernels need a GPU.")
+
+    rows: list[dict] = []
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float32 means float32: conv3d would otherwise sum in tf32
+    try:
+        cases = [(op, b) for b in batches for op in OPS]
+        for op, batch in (bar := tqdm(cases, desc="kernels", unit="case")):
+            bar.set_postfix_str(f"{op} B={batch}")
+            try:
+                rows += _run_case(op, shape, batch, device, args)
+            except Exception as exc:  # report the case as failed and go on with the others
+                detail = "" if isinstance(exc, NotImplementedError) else traceback.format_exc()
+                tqdm.write(f"{op} B={batch} failed: {type(exc).__name__}: {exc}\n{detail}", file=sys.stderr)
+                rows += [{"op": op, "pass": p, "batch": batch, "error": f"{type(exc).__name__}: {exc}"}
+                         for p in ("fwd", "fwd+bwd")]
+            finally:
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+    print(f"\n{device_name}, {'x'.join(map(str, shape))} voxels, float32, median of {args.repeats} "
+          f"after {args.warmup} warm-up; speed-up = ref ms / ours ms")
+    _print_table(rows, cuda)
+    result = {
+        "device": device_name,
+        "cpu": _cpu_model(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "lumireg_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shape": list(shape),
+        "dtype": "float32",
+        "tf32": False,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "batch_sizes": batches,
+        "units": {"*_ms": "milliseconds, median", "shape": "voxels", "ours_TBps": "1e12 bytes/s of the fewest bytes"},
+        "rows": rows,
+    }
+    path = Path(args.out) / _slug(device_name) / "kernels.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+    failed = [r for r in rows if "error" in r or r["check"] != "ok"]
+    for r in failed:
+        why = r.get("error") or f"{r['rel_err']:.2e} relative error > tolerance {r['tolerance']:.0e}"
+        print(f"FAILED: {r['op']} {r['pass']} B={r['batch']}: {why}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,116 @@
+"""lumireg.kernels.integrate: scaling and squaring against a plain float64 loop of the grid_sample oracle."""
+
+import math
+
+import pytest
+import torch
+
+from lumireg.kernels import integrate, warp
+
+BACKENDS = ["triton", "torch"]
+
+
+def _device(backend, triton_device):
+    return triton_device if backend == "triton" else "cpu"
+
+
+def _oracle_integrate(oracle, velocity, steps):
+    u = velocity.double() / 2**steps
+    for _ in range(steps):
+        u = u + oracle.warp(u, u)
+    return u
+
+
+def _smooth_velocity(rng, batch, size, amplitude):
+    """Products of half-period sines with random phases: smooth, max |v| <= amplitude voxels."""
+    axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) * (math.pi / s) for s in size], indexing="ij")
+    phases = 2 * math.pi * torch.rand(batch, 3, 3, generator=rng, dtype=torch.float64)
+    v = torch.ones(batch, 3, *size, dtype=torch.float64)
+    for axis in range(3):
+        v = v * torch.sin(axes[axis] + phases[:, :, axis, None, None, None])
+    return amplitude * v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,steps", [(1, 7), (2, 7), (2, 3)])
+def test_integrate_matches_oracle_loop(rng, oracle, triton_device, backend, batch, steps):
+    size = oracle.size(rng)
+    velocity = 4.0 * torch.randn(batch, 3, *size, generator=rng, dtype=torch.float64)
+    dev = _device(backend, triton_device)
+    out = integrate(velocity.float().to(dev), steps=steps, backend=backend).cpu()
+    assert out.dtype == torch.float32 and out.shape == velocity.shape
+    err = oracle.rel_err(out, _oracle_integrate(oracle, velocity, steps))
+    assert err < 1e-5, f"max relative error {err:.2e}"
+
+
+def test_twin_gradient_passes_gradcheck(rng):
+    velocity = (2.0 * torch.randn(1, 3, 4, 5, 6, generator=rng, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: integrate(v, steps=3, backend="torch"), (velocity,))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_triton_gradient_matches_twin(rng, oracle, triton_device, dtype, tol):
+    velocity = 3.0 * torch.randn(2, 3, *oracle.size(rng), generator=rng, dtype=torch.float64)
+    grad_out = torch.randn(velocity.shape, generator=rng, dtype=torch.float64)
+
+    def grad(backend, device, dt):
+        v = velocity.to(device, dt).requires_grad_()
+        (g,) = torch.autograd.grad(integrate(v, backend=backend), v, grad_out.to(device, dt))
+        return g.cpu()
+
+    err = oracle.rel_err(grad("triton", triton_device, dtype), grad("torch", "cpu", torch.float64))
+    assert err < tol, f"max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constant_velocity_inside_volume_is_that_translation(rng, oracle, triton_device, backend):
+    size = (20, 21, 22)
+    shift = torch.rand(3, generator=rng, dtype=torch.float64) * 1.6 - 0.8  # |shift| < 1 voxel
+    velocity = shift.view(1, 3, 1, 1, 1).expand(1, 3, *size).float()
+    dev = _device(backend, triton_device)
+    u = integrate(velocity.to(dev), backend=backend).cpu()
+    # zero padding at the edge reaches at most one voxel further inwards per squaring step
+    interior = u[:, :, 8:-8, 8:-8, 8:-8]
+    assert torch.allclose(interior, shift.float().view(1, 3, 1, 1, 1).expand_as(interior), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integrating_minus_velocity_inverts_the_transform(rng, triton_device, backend):
+    size = (16, 18, 20)
+    velocity = _smooth_velocity(rng, 2, size, amplitude=2.0).float()
+    dev = _device(backend, triton_device)
+    forward = integrate(velocity.to(dev), backend=backend)
+    inverse = integrate(-velocity.to(dev), backend=backend)
+    # x -> x + u_f(x) -> (x + u_f(x)) + u_i(x + u_f(x)): the composition's displacement
+    composed = (forward + warp(inverse, forward, backend=backend)).cpu()
+    naive = (forward + warp(-forward, forward, backend=backend)).cpu()  # -u_f is not the inverse
+    interior = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    scale = forward.cpu()[interior].abs().max()
+    residual, naive_residual = composed[interior].abs().max() / scale, naive[interior].abs().max() / scale
+    assert residual < 0.03, f"|u_f + u_i o (id + u_f)| is {residual:.3f} of |u_f|"
+    assert residual < 0.2 * naive_residual, f"{residual:.3f} vs {naive_residual:.3f} for -u_f"
+
+
+def test_zero_steps_returns_the_velocity(rng):
+    velocity = torch.randn(1, 3, 4, 5, 6, generator=rng)
+    assert torch.equal(integrate(velocity, steps=0, backend="torch"), velocity)
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True])
+def test_bad_steps_raise_value_error(steps):
+    with pytest.raises(ValueError, match="steps must be"):
+        integrate(torch.zeros(1, 3, 4, 4, 4), steps=steps)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4, 4, 4), (3, 4, 4, 4)])
+def test_velocity_of_wrong_shape_raises_value_error(shape):
+    with pytest.raises(ValueError, match="velocity"):
+        integrate(torch.zeros(shape))
+
+
+def test_half_velocity_integrates_in_float32(rng, oracle, triton_device):
+    velocity = 2.0 * torch.randn(1, 3, *oracle.size(rng), generator=rng, dtype=torch.float64)
+    out = integrate(velocity.to(triton_device, torch.float16), backend="triton").cpu()
+    assert out.dtype == torch.float32
+    expected = _oracle_integrate(oracle, velocity.half().double(), 7)
+    assert oracle.rel_err(out, expected) < 1e-5

@@ -1,0 +1,138 @@
+"""lumireg.kernels.warp: Triton kernels and PyTorch twin against a float64 grid_sample oracle."""
+
+import pytest
+import torch
+
+from lumireg.kernels import warp
+from lumireg.kernels.warp import warp_torch
+
+BACKENDS = ["triton", "torch"]
+
+
+def _inputs(rng, batch, channels, size, dtype=torch.float32, scale=3.0):
+    """A random image and a displacement of a few voxels: many samples fall outside the volume."""
+    image = torch.randn(batch, channels, *size, generator=rng, dtype=torch.float64)
+    disp = scale * torch.randn(batch, 3, *size, generator=rng, dtype=torch.float64)
+    return image.to(dtype), disp.to(dtype)
+
+
+def _device(backend, triton_device):
+    return triton_device if backend == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("batch,channels", [(1, 1), (2, 3)])
+def test_trilinear_warp_matches_grid_sample_oracle(rng, oracle, triton_device, backend, padding, batch, channels):
+    image, disp = _inputs(rng, batch, channels, oracle.size(rng))
+    dev = _device(backend, triton_device)
+    out = warp(image.to(dev), disp.to(dev), padding=padding, backend=backend).cpu()
+    expected = oracle.warp(image, disp, padding=padding)
+    assert out.dtype == torch.float32 and out.shape == image.shape
+    err = oracle.rel_err(out, expected)
+    assert err < 1e-5, f"max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_nearest_warp_of_labels_matches_oracle_exactly(rng, oracle, triton_device, backend, padding):
+    size = oracle.size(rng)
+    labels = torch.randint(0, 36, (2, 1, *size), generator=rng, dtype=torch.int32)
+    _, disp = _inputs(rng, 2, 1, size)
+    dev = _device(backend, triton_device)
+    out = warp(labels.to(dev), disp.to(dev), mode="nearest", padding=padding, backend=backend).cpu()
+    expected = oracle.warp(labels, disp, mode="nearest", padding=padding)
+    assert out.dtype == torch.int32
+    assert torch.equal(out, expected.to(torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_warp_carries_no_gradient(rng, oracle, triton_device, backend):
+    image, disp = _inputs(rng, 1, 1, oracle.size(rng))
+    dev = _device(backend, triton_device)
+    out = warp(image.to(dev).requires_grad_(), disp.to(dev).requires_grad_(), mode="nearest", backend=backend)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_zero_displacement_is_identity(rng, oracle, triton_device, backend, padding):
+    image, _ = _inputs(rng, 2, 3, oracle.size(rng))
+    dev = _device(backend, triton_device)
+    out = warp(image.to(dev), torch.zeros(2, 3, *image.shape[2:], device=dev), padding=padding, backend=backend)
+    if backend == "triton":
+        assert torch.equal(out.cpu(), image), "the kernel samples voxel centres exactly"
+    else:  # grid_sample normalises coordinates to [-1, 1] and back in float32
+        assert oracle.rel_err(out.cpu(), image) < 1e-5
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_twin_gradients_pass_gradcheck(rng, padding):
+    image = torch.randn(1, 2, 4, 5, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    disp = (1.5 * torch.randn(1, 3, 4, 5, 6, generator=rng, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda i, d: warp_torch(i, d, padding=padding), (image, disp))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_triton_gradients_match_twin(rng, oracle, triton_device, dtype, tol, padding):
+    image, disp = _inputs(rng, 2, 3, oracle.size(rng), dtype=torch.float64)
+    grad_out = torch.randn(image.shape, generator=rng, dtype=torch.float64)
+
+    def grads(backend, device, dt):
+        i = image.to(device, dt).requires_grad_()
+        d = disp.to(device, dt).requires_grad_()
+        out = warp(i, d, padding=padding, backend=backend)
+        return [g.cpu() for g in torch.autograd.grad(out, (i, d), grad_out.to(device, dt))]
+
+    expected = grads("torch", "cpu", torch.float64)
+    for name, got, want in zip(("image", "disp"), grads("triton", triton_device, dtype), expected):
+        assert got.dtype == dtype
+        err = oracle.rel_err(got, want)
+        assert err < tol, f"grad {name}: max relative error {err:.2e}"
+
+
+def test_triton_gradient_to_disp_alone(rng, oracle, triton_device):
+    image, disp = _inputs(rng, 1, 1, oracle.size(rng))
+    d_triton = disp.to(triton_device, copy=True).requires_grad_()
+    warp(image.to(triton_device), d_triton, backend="triton").square().sum().backward()
+    d_twin = disp.detach().clone().requires_grad_()
+    warp(image, d_twin, backend="torch").square().sum().backward()
+    assert oracle.rel_err(d_triton.grad.cpu(), d_twin.grad) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_image_is_accepted_and_accurate(rng, oracle, triton_device, dtype):
+    image, disp = _inputs(rng, 1, 2, oracle.size(rng))
+    out = warp(image.to(triton_device, dtype), disp.to(triton_device), backend="triton").cpu()
+    assert out.dtype == dtype
+    assert oracle.rel_err(out, oracle.warp(image, disp)) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "image_shape,disp_shape,kwargs,message",
+    [
+        ((1, 8, 9, 10), (1, 3, 8, 9, 10), {}, "image must have shape"),
+        ((1, 1, 8, 9, 10), (1, 2, 8, 9, 10), {}, "disp must have 3 channels"),
+        ((1, 1, 8, 9, 10), (1, 3, 8, 9, 11), {}, "must share batch size and spatial size"),
+        ((2, 1, 8, 9, 10), (1, 3, 8, 9, 10), {}, "must share batch size"),
+        ((1, 1, 1, 9, 10), (1, 3, 1, 9, 10), {}, "spatial size >= 2"),
+        ((1, 1, 8, 9, 10), (1, 3, 8, 9, 10), {"mode": "bicubic"}, "mode must be one of"),
+        ((1, 1, 8, 9, 10), (1, 3, 8, 9, 10), {"padding": "reflection"}, "padding must be one of"),
+        ((1, 1, 8, 9, 10), (1, 3, 8, 9, 10), {"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(image_shape, disp_shape, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        warp(torch.zeros(image_shape), torch.zeros(disp_shape), **kwargs)
+
+
+def test_integer_image_is_refused_for_trilinear():
+    with pytest.raises(ValueError, match="floating dtype"):
+        warp(torch.zeros(1, 1, 4, 4, 4, dtype=torch.int32), torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), backend="triton")
