@@ -136,3 +136,14 @@ def test_forced_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), backend="triton")
+
+
+def test_auto_backend_runs_the_twin_on_cpu_tensors(monkeypatch):
+    import lumireg.kernels.warp as warp_module
+
+    def kernel_must_not_run(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran on CPU tensors under backend='auto'")
+
+    monkeypatch.setattr(warp_module, "warp_forward", kernel_must_not_run)
+    out = warp(torch.ones(1, 1, 4, 5, 6), torch.zeros(1, 3, 4, 5, 6))
+    assert torch.allclose(out, torch.ones(1, 1, 4, 5, 6))
