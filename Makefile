@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 ## bench: time the Triton kernels against the PyTorch reference paths (the main job until `serve` lands)
 bench: $(STAMP)
-	$(VENV)/bin/lumireg bench kernels
+	$(VENV)/bin/lumireg bench --kernels
 
 ## test: run the test suite (CPU; the Triton kernels run under TRITON_INTERPRET=1)
 test: $(STAMP)

@@ -105,14 +105,14 @@ def test_torch_twin_gradients_pass_gradcheck(rng):
     assert torch.autograd.gradcheck(lambda f, m: local_ncc(f, m, 3, backend="torch"), (fixed, moving))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_triton_gradients_match_twin_for_both_inputs(rng, triton_device, dtype, tol):
     shape = random_shape(rng, 2, 2)
     fixed, moving = pair(shape, rng, dtype)
     grad_out = torch.randn(2, generator=rng, dtype=torch.float64)
-    ref = [t.double().requires_grad_() for t in (fixed, moving)]
+    ref = [t.double().clone().requires_grad_() for t in (fixed, moving)]
     local_ncc(*ref, 5, backend="torch").backward(grad_out)
-    inputs = [t.to(triton_device).requires_grad_() for t in (fixed, moving)]
+    inputs = [t.to(triton_device).clone().requires_grad_() for t in (fixed, moving)]
     local_ncc(*inputs, 5, backend="triton").backward(grad_out.to(dtype).to(triton_device))
     for name, x, r in zip(("fixed", "moving"), inputs, ref):
         assert x.grad.dtype == dtype
@@ -127,7 +127,7 @@ def test_gradient_reaches_only_the_input_that_requires_it(rng, triton_device, ba
     moving.requires_grad_()
     local_ncc(fixed, moving, 3, backend=backend).sum().backward()
     assert fixed.grad is None
-    ref = moving.detach().cpu().requires_grad_()
+    ref = moving.detach().cpu().clone().requires_grad_()
     local_ncc(fixed.cpu(), ref, 3, backend="torch").sum().backward()
     assert grad_error(moving.grad, ref.grad) < 1e-12
     assert moving.grad.abs().max() > 0
@@ -158,7 +158,7 @@ def test_invariant_to_affine_intensity_change_inside_a_zero_background(rng, trit
     assert err < 1e-4, f"a={scale} b={shift}: relative change {err:.2e}"
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
 def test_triton_accepts_half_inputs_close_to_float32(rng, triton_device, dtype, tol):
     fixed, moving = (t.to(triton_device) for t in pair((2, 1, 6, 7, 8), rng))
     ref = local_ncc(fixed, moving, 5, backend="triton")

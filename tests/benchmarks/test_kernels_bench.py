@@ -1,0 +1,39 @@
+"""The kernel benchmark harness runs end to end on a tiny volume and reports what it measured."""
+
+import json
+
+from lumireg.cli import build_parser
+
+
+def test_kernel_benchmark_checks_every_op_and_writes_json(tmp_path):
+    args = build_parser().parse_args(
+        ["bench", "--kernels", "--device", "cpu", "--shape", "6,7,8", "--batch-sizes", "1,2",
+         "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    assert args.func(args) == 0
+    (result_file,) = tmp_path.glob("*/kernels.json")
+    result = json.loads(result_file.read_text())
+    assert result["shape"] == [6, 7, 8] and result["batch_sizes"] == [1, 2]
+    rows = result["rows"]
+    assert {(r["op"], r["pass"], r["batch"]) for r in rows} == {
+        (op, p, b) for op in ("warp", "integrate", "local_ncc") for p in ("fwd", "fwd+bwd") for b in (1, 2)
+    }
+    for row in rows:
+        assert row["check"] == "ok" and row["path"] == "torch-twin"
+        assert row["ours_ms"] > 0 and row["ref_ms"] > 0
+
+
+def test_kernel_benchmark_picks_cpu_defaults_when_unset(tmp_path, monkeypatch):
+    from lumireg.benchmarks import kernels
+
+    cases = []
+
+    def record_case(op, shape, batch, device, args):
+        cases.append((shape, batch))
+        return []
+
+    monkeypatch.setattr(kernels, "_run_case", record_case)
+    args = build_parser().parse_args(["bench", "--kernels", "--device", "cpu", "--out", str(tmp_path)])
+    kernels.run(args)
+    assert (args.shape, args.batch_sizes, args.warmup, args.repeats) == ("80,112,96", "1", 1, 3)
+    assert set(cases) == {((80, 112, 96), 1)}
