@@ -1,0 +1,48 @@
+"""Training losses, per sample, in the kernels' conventions: images ``(B, 1, D, H, W)`` in 0..1."""
+
+from __future__ import annotations
+
+import torch
+
+from lumireg.kernels import local_ncc
+
+
+def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """``-local_ncc``: ``(B,)``, in [-1, 0]; VoxelMorph's NCC loss on the fused kernels."""
+    return -local_ncc(fixed, warped, window)
+
+
+def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32, sigma: float = 0.5) -> torch.Tensor:
+    """Parzen-window mutual information in nats, ``(B,)``, for cross-contrast pairs.
+
+    Intensities are expected in 0..1. Each voxel spreads over ``bins`` equally
+    spaced bin centres with Gaussian weights of width ``sigma`` bin spacings
+    (normalised per voxel); the joint histogram is the mean outer product of the
+    two images' weights. Differentiable in both images.
+    """
+    centres = torch.linspace(0.0, 1.0, bins, device=fixed.device, dtype=torch.float32)
+    spread = 2.0 * (sigma / (bins - 1)) ** 2
+
+    def weights(image: torch.Tensor) -> torch.Tensor:  # (B, N, bins)
+        x = image.float().flatten(1).clamp(0.0, 1.0).unsqueeze(-1)
+        w = torch.exp(-((x - centres) ** 2) / spread)
+        return w / w.sum(-1, keepdim=True)
+
+    wf, wm = weights(fixed), weights(moving)
+    joint = torch.bmm(wf.transpose(1, 2), wm) / wf.shape[1]  # (B, bins, bins)
+    pf, pm = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    return (joint * torch.log((joint + 1e-10) / (pf * pm + 1e-10))).sum((1, 2))
+
+
+def mi_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """``-mutual_information``: ``(B,)``."""
+    return -mutual_information(fixed, warped, bins)
+
+
+def smoothness(field: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser: mean squared forward difference of ``(B, 3, D, H, W)`` over the 3 axes, ``(B,)``.
+
+    Units: squared field units per squared voxel (the field's own voxels).
+    """
+    terms = [field.diff(dim=axis).pow(2).flatten(1).mean(1) for axis in (2, 3, 4)]
+    return sum(terms) / 3.0
