@@ -57,7 +57,7 @@ def test_receptive_field_is_130_voxels_as_documented(rng):
 
 
 def test_parameter_count_is_as_documented():
-    assert sum(p.numel() for p in LumiNet().parameters()) == 212_499
+    assert sum(p.numel() for p in LumiNet().parameters()) == 218_771
 
 
 @pytest.mark.parametrize(
