@@ -237,7 +237,9 @@ def warp_torch(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", 
     ``arange`` per axis against ``disp`` and normalised for
     ``align_corners=True``; grid_sample orders them (W, H, D).
     """
-    acc = torch.float64 if not image.is_floating_point() else compute_dtype(image, disp)
+    acc = compute_dtype(image, disp)
+    if not image.is_floating_point() and image.numel() and image.abs().max() >= 2**24:
+        acc = torch.float64  # float32 holds integer labels exactly only below 2**24
     coords = []
     for axis, size in enumerate(image.shape[2:]):
         index = torch.arange(size, dtype=acc, device=disp.device).view([-1 if a == axis else 1 for a in range(3)])

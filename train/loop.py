@@ -121,7 +121,8 @@ def _data_source(config: TrainConfig):
     from lumireg.train import data
 
     if config.data == "synthetic":
-        return data.SyntheticPairs(data.training_seeds(10**9, start=config.seed * 10**6), split="train")
+        seeds = data.training_seeds(10**9, start=config.seed * 10**9)
+        return data.SyntheticPairs(seeds, split="train", labels=False)
     path = Path(config.data)
     if path.suffix != ".json":
         raise ValueError(f"--data must be 'synthetic' or a LUMIR dataset JSON file, got {config.data!r}")

@@ -149,3 +149,14 @@ def test_auto_backend_runs_the_twin_on_cpu_tensors(monkeypatch):
     monkeypatch.setattr(warp_module, "warp_forward", kernel_must_not_run)
     out = warp(torch.ones(1, 1, 4, 5, 6), torch.zeros(1, 3, 4, 5, 6))
     assert torch.allclose(out, torch.ones(1, 1, 4, 5, 6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_warp_keeps_large_label_values_exact(rng, oracle, triton_device, backend):
+    size = oracle.size(rng)
+    labels = torch.randint(0, 8, (1, 1, *size), generator=rng, dtype=torch.int64) + 2**24 - 3
+    _, disp = _inputs(rng, 1, 1, size)
+    dev = _device(backend, triton_device)
+    out = warp(labels.to(dev), disp.to(dev), mode="nearest", padding="border", backend=backend).cpu()
+    expected = oracle.warp(labels, disp, mode="nearest", padding="border")
+    assert torch.equal(out, expected.to(torch.int64))
