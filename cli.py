@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(
             data=args.data, steps=args.steps, batch_size=args.batch_size,
-            crop=tuple(int(c) for c in args.crop.split(",")), lr=args.lr, similarity=args.similarity,
+            crop=tuple(int(c) for c in args.crop.split(",")), crops_per_pair=args.crops_per_pair, lr=args.lr, similarity=args.similarity,
             smooth_weight=args.smooth_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
             log_every=args.log_every, workers=args.workers, amp=not args.no_amp,
         )
@@ -73,6 +73,7 @@ def _add_train(sub) -> None:
     train.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (default: 2000)")
     train.add_argument("--batch-size", type=int, default=1, help="pairs per step and process (default: 1)")
     train.add_argument("--crop", default="96,96,96", help="training window D,H,W in voxels, multiples of 16 (default: 96,96,96)")
+    train.add_argument("--crops-per-pair", type=int, default=2, help="training windows cut from each pair (default: 2)")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     train.add_argument("--similarity", choices=("ncc", "mi"), default="ncc", help="ncc (same contrast) or mi (cross-contrast)")
     train.add_argument("--smooth-weight", type=float, default=1.0, help="weight of |grad v|^2 (default: 1.0)")

@@ -38,14 +38,17 @@ class TrainConfig:
     ``data``: ``"synthetic"`` (pairs made from the bundled MNI template) or the
     path of a LUMIR dataset JSON. ``crop``: training window in voxels (each a
     multiple of 16), cut from full-canvas pairs so the network sees images at
-    their true 1 mm scale. ``steps`` counts optimiser steps; one step sees
-    ``batch_size`` pairs on every process.
+    their true 1 mm scale; ``crops_per_pair`` windows are cut from each pair
+    before the next is made (making a pair costs about as much as a step on a
+    CPU). ``steps`` counts optimiser steps; one step sees ``batch_size`` crops
+    on every process.
     """
 
     data: str = "synthetic"
     steps: int = 2000
     batch_size: int = 1
     crop: tuple[int, int, int] = (96, 96, 96)
+    crops_per_pair: int = 2
     lr: float = 1e-3
     similarity: str = "ncc"
     ncc_window: int = 9
@@ -63,8 +66,8 @@ class TrainConfig:
             raise ValueError(f"similarity must be 'ncc' or 'mi', got {self.similarity!r}")
         if len(self.crop) != 3 or any(c <= 0 or c % 16 for c in self.crop):
             raise ValueError(f"crop must be three positive multiples of 16, got {self.crop}")
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("steps, batch_size, checkpoint_every and log_every must be >= 1")
+        if min(self.steps, self.batch_size, self.crops_per_pair, self.checkpoint_every, self.log_every) < 1:
+            raise ValueError("steps, batch_size, crops_per_pair, checkpoint_every and log_every must be >= 1")
 
 
 class RegistrationObjective(torch.nn.Module):
@@ -94,7 +97,7 @@ class RegistrationObjective(torch.nn.Module):
 
 
 class _TrainingSamples(Dataset):
-    """Sample ``i`` of this process: a cropped pair drawn from ``source`` with its own seed."""
+    """Sample ``i`` of this process: a window of pair ``index // crops_per_pair`` of ``source``."""
 
     def __init__(self, source, config: TrainConfig, rank: int, world: int, first_step: int):
         self.source, self.config, self.rank, self.world = source, config, rank, world
@@ -110,7 +113,7 @@ class _TrainingSamples(Dataset):
         # global sample index: every process and every step draws different pairs, reproducibly
         step, slot = divmod(self.first + i, self.config.batch_size)
         index = (step * self.world + self.rank) * self.config.batch_size + slot
-        sample = self.source[index]
+        sample = self.source[index // self.config.crops_per_pair]
         crop_rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
         sample = random_crop(sample, self.config.crop, crop_rng)
         return {"fixed": sample["fixed"], "moving": sample["moving"]}
@@ -205,7 +208,7 @@ def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None
         return save_checkpoint(out / "checkpoint.pt", model, step, optimizer=optimizer.state_dict(), training=training)
 
     model.train()
-    started, step = time.perf_counter(), first_step
+    started, step, window = time.perf_counter(), first_step, []
     bar = tqdm(loader, total=config.steps, initial=first_step, desc="train", unit="step", disable=rank != 0)
     for batch in bar:
         fixed, moving = batch["fixed"].to(dev), batch["moving"].to(dev)
@@ -214,10 +217,13 @@ def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None
         terms["loss"].backward()
         optimizer.step()
         step += 1
+        window.append({k: float(v.detach()) for k, v in terms.items()})
         if rank == 0 and (step % config.log_every == 0 or step == config.steps):
-            row = {"step": step, **{k: round(float(v), 6) for k, v in terms.items()},
-                   "seconds": round(time.perf_counter() - started, 1)}
+            # each row holds the mean over the steps since the last row
+            means = {k: round(sum(w[k] for w in window) / len(window), 6) for k in window[0]}
+            row = {"step": step, **means, "seconds": round(time.perf_counter() - started, 1)}
             log.append(row)
+            window = []
             bar.set_postfix(loss=f"{row['loss']:.4f}", sim=f"{row['similarity']:.4f}")
         if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
             checkpoint(step)
