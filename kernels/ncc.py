@@ -100,19 +100,27 @@ def _ncc_box_kernel(
 
 
 @triton.jit
-def _ncc_forward_kernel(
-    sums_ptr, partial_ptr, n, HW, D, WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
-    plane = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _ncc_terms_along_d(sums_ptr, plane, offs, n, HW, D, mask, WINDOW: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """The last (D) sweep of the five box sums, then the NCC terms: ``s_i, s_j, cross, var_i, var_j, den``."""
     base = sums_ptr + plane * 5 * n
     s_i = _box_sum(base, offs, HW, D, mask, WINDOW, ACC, BLOCK)
     s_j = _box_sum(base + n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
     s_ii = _box_sum(base + 2 * n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
     s_jj = _box_sum(base + 3 * n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
     s_ij = _box_sum(base + 4 * n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
-    cross, _, _, den = _ncc_terms(s_i, s_j, s_ii, s_jj, s_ij, WINDOW)
+    cross, var_i, var_j, den = _ncc_terms(s_i, s_j, s_ii, s_jj, s_ij, WINDOW)
+    return s_i, s_j, cross, var_i, var_j, den
+
+
+@triton.jit
+def _ncc_forward_kernel(
+    sums_ptr, partial_ptr, n, HW, D, WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    plane = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    _, _, cross, _, _, den = _ncc_terms_along_d(sums_ptr, plane, offs, n, HW, D, mask, WINDOW, ACC, BLOCK)
     cc = tl.where(mask, cross * cross / den, 0.0)
     tl.store(partial_ptr + plane * tl.num_programs(0) + tl.program_id(0), tl.sum(cc, axis=0))
 
@@ -124,13 +132,7 @@ def _ncc_coefficients_kernel(
     plane = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    base = sums_ptr + plane * 5 * n
-    s_i = _box_sum(base, offs, HW, D, mask, WINDOW, ACC, BLOCK)
-    s_j = _box_sum(base + n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
-    s_ii = _box_sum(base + 2 * n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
-    s_jj = _box_sum(base + 3 * n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
-    s_ij = _box_sum(base + 4 * n, offs, HW, D, mask, WINDOW, ACC, BLOCK)
-    cross, var_i, var_j, den = _ncc_terms(s_i, s_j, s_ii, s_jj, s_ij, WINDOW)
+    s_i, s_j, cross, var_i, var_j, den = _ncc_terms_along_d(sums_ptr, plane, offs, n, HW, D, mask, WINDOW, ACC, BLOCK)
     c = 2.0 * cross / den
     ratio = cross * cross / (den * den)
     b_i = -ratio * var_j

@@ -45,6 +45,24 @@ def _sample_coordinate(disp_ptr, offs, index, size, mask, BORDER: tl.constexpr, 
 
 
 @triton.jit
+def _sample_point(disp_ptr, b, offs, D, H, W, mask, BORDER: tl.constexpr, ACC: tl.constexpr):
+    """Source point of voxels ``offs`` of sample ``b`` (three coordinates) and their clamp slopes."""
+    n = D * H * W
+    base = disp_ptr + b * 3 * n
+    xd, sd = _sample_coordinate(base, offs, offs // (H * W), D, mask, BORDER, ACC)
+    xh, sh = _sample_coordinate(base + n, offs, (offs // W) % H, H, mask, BORDER, ACC)
+    xw, sw = _sample_coordinate(base + 2 * n, offs, offs % W, W, mask, BORDER, ACC)
+    return xd, xh, xw, sd, sh, sw
+
+
+@triton.jit
+def _floor_split(x):
+    """Lower neighbour index (int32) and the fractional position above it."""
+    lower = tl.floor(x)
+    return lower.to(tl.int32), x - lower
+
+
+@triton.jit
 def _round_half_even(x):
     """rint(), as grid_sample's nearest mode rounds."""
     r = tl.floor(x + 0.5)
@@ -62,10 +80,7 @@ def _warp_forward_kernel(
     n = D * H * W
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    disp_base = disp_ptr + b * 3 * n
-    xd, _ = _sample_coordinate(disp_base, offs, offs // (H * W), D, mask, BORDER, ACC)
-    xh, _ = _sample_coordinate(disp_base + n, offs, (offs // W) % H, H, mask, BORDER, ACC)
-    xw, _ = _sample_coordinate(disp_base + 2 * n, offs, offs % W, W, mask, BORDER, ACC)
+    xd, xh, xw, _, _, _ = _sample_point(disp_ptr, b, offs, D, H, W, mask, BORDER, ACC)
     if NEAREST:
         d0 = _round_half_even(xd).to(tl.int32)
         h0 = _round_half_even(xh).to(tl.int32)
@@ -77,15 +92,9 @@ def _warp_forward_kernel(
             # label values are copied, never converted through a float
             tl.store(out_ptr + plane + offs, tl.load(image_ptr + plane + src, mask=valid, other=0), mask=mask)
     else:
-        fd0 = tl.floor(xd)
-        fh0 = tl.floor(xh)
-        fw0 = tl.floor(xw)
-        td = xd - fd0
-        th = xh - fh0
-        tw = xw - fw0
-        d0 = fd0.to(tl.int32)
-        h0 = fh0.to(tl.int32)
-        w0 = fw0.to(tl.int32)
+        d0, td = _floor_split(xd)
+        h0, th = _floor_split(xh)
+        w0, tw = _floor_split(xw)
         for c in range(C):
             plane = (b * C + c) * n
             acc = tl.zeros([BLOCK], ACC)
@@ -116,19 +125,10 @@ def _warp_backward_kernel(
     n = D * H * W
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    disp_base = disp_ptr + b * 3 * n
-    xd, sd = _sample_coordinate(disp_base, offs, offs // (H * W), D, mask, BORDER, ACC)
-    xh, sh = _sample_coordinate(disp_base + n, offs, (offs // W) % H, H, mask, BORDER, ACC)
-    xw, sw = _sample_coordinate(disp_base + 2 * n, offs, offs % W, W, mask, BORDER, ACC)
-    fd0 = tl.floor(xd)
-    fh0 = tl.floor(xh)
-    fw0 = tl.floor(xw)
-    td = xd - fd0
-    th = xh - fh0
-    tw = xw - fw0
-    d0 = fd0.to(tl.int32)
-    h0 = fh0.to(tl.int32)
-    w0 = fw0.to(tl.int32)
+    xd, xh, xw, sd, sh, sw = _sample_point(disp_ptr, b, offs, D, H, W, mask, BORDER, ACC)
+    d0, td = _floor_split(xd)
+    h0, th = _floor_split(xh)
+    w0, tw = _floor_split(xw)
     gxd = tl.zeros([BLOCK], ACC)
     gxh = tl.zeros([BLOCK], ACC)
     gxw = tl.zeros([BLOCK], ACC)
