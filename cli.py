@@ -28,10 +28,14 @@ def _not_available(name: str):
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.accuracy:
+        from lumireg.benchmarks import accuracy
+
+        return accuracy.run(args)
     if not args.kernels:
         print(
-            "lumireg bench: the service benchmark is not available in this version yet; "
-            "use `lumireg bench --kernels` for the kernel micro-benchmark.",
+            "lumireg bench: the service benchmark is not available in this version yet; use "
+            "`lumireg bench --kernels` (kernel micro-benchmark) or `lumireg bench --accuracy`.",
             file=sys.stderr,
         )
         return 2
@@ -105,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: kernels (--kernels) and, later, the service")
     bench.add_argument("--kernels", action="store_true", help="time the kernels against the PyTorch reference paths")
+    bench.add_argument("--accuracy", action="store_true",
+                       help="Dice/HD95/NDV of lumireg vs no registration and ANTs SyN on held-out synthetic pairs")
+    bench.add_argument("--pairs", type=int, default=20, help="--accuracy: held-out pairs (default: 20)")
+    bench.add_argument("--methods", default="none,syn,lumireg", help="--accuracy: methods (default: none,syn,lumireg)")
+    bench.add_argument("--checkpoint", help="--accuracy: weights to score (default: the bundled weights)")
     # defaults depend on the device: full LUMIR size on a GPU, half of it on a CPU (see lumireg.benchmarks.kernels)
     bench.add_argument("--shape", help="volume size D,H,W in voxels (GPU: 160,224,192; CPU: 80,112,96)")
     bench.add_argument("--batch-sizes", help="comma-separated batch sizes (GPU: 1,4; CPU: 1)")
