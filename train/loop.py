@@ -184,14 +184,18 @@ def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None
     torch.manual_seed(config.seed)
     model = LumiNet(NetworkConfig.from_dict(config.network)).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    first_step, log = 0, []
+    first_step, log, earlier = 0, [], []
     if resume is not None:
         state = read_checkpoint(resume)
         if "optimizer" not in state:
             raise ValueError(f"{resume} holds weights only, not a training state to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        first_step, log = state["step"], list(state.get("training", {}).get("log", []))
+        previous = state.get("training", {})
+        first_step, log = state["step"], list(previous.get("log", []))
+        # the commands that made this run so far, each with the step it started from
+        earlier = [*previous.get("earlier_commands", []), {"command": previous.get("command"),
+                                                          "from_step": previous.get("from_step", 0)}]
         if first_step >= config.steps:
             raise ValueError(f"{resume} is at step {first_step}; ask for more --steps than that to go on")
     objective = RegistrationObjective(model, config)
@@ -201,7 +205,8 @@ def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None
     samples = _TrainingSamples(_data_source(config), config, rank, world, first_step)
     loader = DataLoader(samples, batch_size=config.batch_size, num_workers=config.workers,
                         worker_init_fn=_single_thread_worker, persistent_workers=config.workers > 0)
-    meta = {"command": command or sys.argv, "config": asdict(config), "world_size": world, "device": str(dev)}
+    meta = {"command": command or sys.argv, "from_step": first_step, "earlier_commands": earlier,
+            "config": asdict(config), "world_size": world, "device": str(dev)}
 
     def checkpoint(step: int) -> Path:
         training = {**meta, "log": log}

@@ -58,6 +58,8 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     train(TrainConfig(**{**TINY, "steps": 2}), tmp_path / "split")
     resumed = read_checkpoint(train(TrainConfig(**TINY), tmp_path / "split", resume=tmp_path / "split" / "checkpoint.pt"))
     assert resumed["step"] == 4
+    assert resumed["training"]["from_step"] == 2
+    assert [c["from_step"] for c in resumed["training"]["earlier_commands"]] == [0]
     for name, value in straight["model"].items():
         assert torch.allclose(resumed["model"][name], value, atol=1e-6), name
 
