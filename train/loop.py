@@ -156,7 +156,7 @@ def _plot_loss(log: list[dict], path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(steps, [r["smoothness"] for r in log], color="tab:green", alpha=0.6, label="smoothness")
     ax2.set_ylabel("smoothness |grad v|^2 (voxels^2 / voxel^2)")
-    fig.legend(loc="upper right")
+    fig.legend(loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.93), fontsize=8)
     ax.set_title("lumireg training loss")
     fig.tight_layout()
     fig.savefig(path)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from lumireg.kernels import integrate, warp
 from lumireg.train.canvas import CANVAS_SHAPE, LABELS, TISSUES, lumir_canvas
 
-# far above what the training loop asks for (seed * 10**6 + 10**9 seeds)
+# far above the seeds the training loop draws (10**9 per --seed, from seed * 10**9)
 EVAL_SEED_START = 10**12
 SPLITS = ("train", "eval")
 
