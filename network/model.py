@@ -131,6 +131,16 @@ class LumiNet(nn.Module):
         """
         return velocity_to_displacement(self.velocity(fixed, moving), self.config.steps)
 
+    def forward_and_inverse(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both transforms from one network pass: ``(B, 3, D, H, W)`` displacements in voxels.
+
+        The first pulls moving onto the fixed grid, the second fixed onto the
+        moving grid (the integral of ``-v``).
+        """
+        velocity = self.velocity(fixed, moving)
+        steps = self.config.steps
+        return velocity_to_displacement(velocity, steps), velocity_to_displacement(-velocity, steps)
+
 
 def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
     for name, image in (("fixed", fixed), ("moving", moving)):

@@ -88,8 +88,7 @@ class RegistrationObjective(torch.nn.Module):
             velocity = self.model.velocity(fixed, moving)
         velocity = velocity.float()  # integration and warping accumulate in float32
         steps = self.model.config.steps
-        forward = velocity_to_displacement(velocity, steps)
-        inverse = velocity_to_displacement(-velocity, steps)
+        forward, inverse = velocity_to_displacement(velocity, steps), velocity_to_displacement(-velocity, steps)
         sim = 0.5 * (self.similarity(fixed, warp(moving, forward)) + self.similarity(moving, warp(fixed, inverse)))
         smooth = smoothness(velocity)
         loss = sim + self.config.smooth_weight * smooth

@@ -114,3 +114,12 @@ def test_checkpoint_with_pickled_objects_is_not_executed(tmp_path):
 def test_unknown_network_config_keys_are_refused():
     with pytest.raises(ValueError, match="unknown network config keys"):
         NetworkConfig.from_dict({"channels": [8, 16, 32, 32], "depth": 5})
+
+
+def test_inverse_comes_from_the_same_pass_and_equals_the_swapped_registration(rng):
+    fixed, moving = _pair(rng)
+    model = _active_model(rng)
+    with torch.no_grad():
+        forward, inverse = model.forward_and_inverse(fixed, moving)
+        assert torch.equal(forward, model(fixed, moving))
+        assert torch.equal(inverse, model(moving, fixed))
