@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lumireg.benchmarks.kernels import _cpu_model, _git_commit, _slug
+from lumireg.benchmarks.machine import cpu_model, git_commit, slug
 from lumireg.evaluate import (
     as_channels_last,
     dice,
@@ -149,7 +149,7 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"lumireg bench: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) / _slug(f"cpu {_cpu_model()}")
+    out = Path(args.out) / slug(f"cpu {cpu_model()}")
     out.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None  # None: the 1 mm canvas
     pairs = SyntheticPairs(evaluation_seeds(args.pairs), shape=shape, split="eval", labels=True)
@@ -166,7 +166,7 @@ def run(args) -> int:
             rows.append({"seed": int(sample["seed"]), **score(disp, sample, labels), "seconds": seconds})
             if method == "lumireg" and shown is None:
                 shown = (sample, disp)
-        result = {"method": method, "device": f"cpu {_cpu_model()}", "lumireg_commit": _git_commit(),
+        result = {"method": method, "device": f"cpu {cpu_model()}", "lumireg_commit": git_commit(),
                   "checkpoint": str(args.checkpoint or "bundled default") if method == "lumireg" else None,
                   "shape": list(sample["fixed"].shape[1:]), "pairs": len(rows), "summary": _summary(rows), "rows": rows}
         (out / f"accuracy-{method}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import datetime
 import gc
-import importlib.metadata
 import json
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -38,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lumireg.kernels as kernels
+from lumireg.benchmarks.machine import cpu_model, git_commit, package_version, slug
 from lumireg.kernels._dispatch import use_triton
 
 OPS = ("warp", "integrate", "local_ncc")
@@ -212,36 +210,6 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
     return rows
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", text.lower())).strip("-")
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _print_table(rows, cuda: bool) -> None:
     head = f"{'op':<10} {'pass':<8} {'B':>2} {'path':<10} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8} {'max|diff|':>9} {'check':<5}"
     print(head + (f" {'TB/s':>5} {'floor ms':>8}" if cuda else ""))
@@ -285,7 +253,7 @@ def run(args) -> int:
               f"--warmup >= 0; got {args.shape!r}, {args.batch_sizes!r}, {args.repeats}, {args.warmup}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
-    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu {_cpu_model()}"
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu {cpu_model()}"
     if not cuda:
         print("CPU run: 'ours' is each op's PyTorch twin (path torch-twin); the Triton kernels need a GPU.")
 
@@ -315,12 +283,12 @@ def run(args) -> int:
     _print_table(rows, cuda)
     result = {
         "device": device_name,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "python": platform.python_version(),
-        "lumireg_commit": _git_commit(),
+        "lumireg_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": list(shape),
         "dtype": "float32",
@@ -331,7 +299,7 @@ def run(args) -> int:
         "units": {"*_ms": "milliseconds, median", "shape": "voxels", "ours_TBps": "1e12 bytes/s of the fewest bytes"},
         "rows": rows,
     }
-    path = Path(args.out) / _slug(device_name) / "kernels.json"
+    path = Path(args.out) / slug(device_name) / "kernels.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
