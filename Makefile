@@ -3,8 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-server-test
+# the exported network the server loads (lumireg export writes it from the bundled weights)
+NETWORK := model_repository/lumireg_network/1/model.onnx
 
-.PHONY: bench test clean
+.PHONY: serve bench test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +14,20 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -e '.[server,test]'
 	touch $@
 
-## bench: time the Triton kernels against the PyTorch reference paths (the main job until `serve` lands)
+$(NETWORK): $(STAMP) network/weights/lumireg-default.pt network/model.py export/onnx.py export/repository.py
+	$(VENV)/bin/lumireg export
+
+## serve: the main job: Triton Inference Server on the bundled model, gRPC 127.0.0.1:8001 (SERVE_ARGS="--host 0.0.0.0 ...")
+serve: $(NETWORK)
+	$(VENV)/bin/lumireg serve $(SERVE_ARGS)
+
+## bench: time the Triton kernels against the PyTorch reference paths
 bench: $(STAMP)
 	$(VENV)/bin/lumireg bench --kernels
 
 ## test: run the test suite (CPU; the Triton kernels run under TRITON_INTERPRET=1)
-test: $(STAMP)
+test: $(STAMP) $(NETWORK)
 	$(VENV)/bin/python -m pytest
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info $(addprefix $(dir $(NETWORK)),model.onnx model.plan model.pt export.json)

@@ -13,9 +13,7 @@ from lumireg import __version__
 
 # Subcommands whose implementation has not landed yet, with what each will do.
 _PLANNED = {
-    "serve": "start the Triton Inference Server on the bundled model",
     "register": "register a fixed and a moving NIfTI image through the service",
-    "export": "export a checkpoint to ONNX / TensorRT into the model repository",
 }
 
 
@@ -98,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in _PLANNED.items():
         sub.add_parser(name, help=summary).set_defaults(func=_not_available(name))
     _add_train(sub)
+    from lumireg.export.runner import add_parser as add_export
+
+    add_export(sub)
+    from lumireg.service.runner import add_parser as add_serve
+
+    add_serve(sub)
 
     evaluate = sub.add_parser("evaluate", help="score displacement fields with the LUMIR metrics")
     evaluate.add_argument("-i", "--input", required=True, help="folder of disp_{fixedID}_{movingID}.nii.gz fields")

@@ -1,0 +1,120 @@
+"""Checkpoint -> ONNX of the network part, with the parity check that runs after every export.
+
+The exported graph is what the service's ``lumireg_network`` model runs:
+
+- inputs ``fixed``, ``moving``: ``uint8 [B, 1, 160, 224, 192]`` (LUMIR's
+  intensities 0..255; the graph divides by 255 itself, so the wire and the
+  hand-over between the server's models stay 8-bit);
+- output ``velocity``: ``float32 [B, 3, 80, 112, 96]``, the stationary
+  velocity at half resolution in half-resolution voxel units
+  (:meth:`LumiNet.velocity`); integration and warping stay in our Triton
+  kernels, because ONNX has no 5-D grid sample before opset 20.
+
+The batch axis is dynamic, the spatial axes are the canvas. Opset 17
+(:data:`OPSET`): ONNX Runtime 1.31 and TensorRT 10 both run it. The graph is
+written by the TorchScript exporter (``dynamo=False``), which needs no extra
+package.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lumireg.network.model import LumiNet
+
+from lumireg.service.contract import CANVAS
+
+OPSET = 17
+INPUTS, OUTPUT = ("fixed", "moving"), "velocity"
+PARITY_TOLERANCE = 1e-4  # max |ONNX - PyTorch| on the velocity, fp32, half-resolution voxels
+
+
+class VelocityGraph(torch.nn.Module):
+    """``uint8`` image pair -> half-resolution velocity: the part of :class:`LumiNet` that is exported."""
+
+    def __init__(self, model: LumiNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.model.velocity(fixed.float() / 255.0, moving.float() / 255.0)
+
+
+def export_onnx(model: LumiNet, path: str | Path, shape: tuple[int, int, int] = CANVAS) -> Path:
+    """Write the velocity graph of ``model`` for volumes of ``shape`` to ``path`` (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros((1, 1, *shape), dtype=torch.uint8)
+    partial = path.with_name(path.name + ".partial")
+    batch_axis = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        # the exporter warns about the deprecation of TorchScript and about our shape checks, traced as constants
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            VelocityGraph(model.eval()), (example, example), str(partial), input_names=list(INPUTS),
+            output_names=[OUTPUT], dynamic_axes={name: batch_axis for name in (*INPUTS, OUTPUT)},
+            opset_version=OPSET, dynamo=False,
+        )
+    partial.replace(path)
+    return path
+
+
+def parity_inputs(shape: tuple[int, int, int] = CANVAS, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The pairs every export is checked on: the MNI template against a held-out synthetic warp of it
+    (only at the canvas size) and uniform random bytes (batch of 2, so the dynamic axis is exercised)."""
+    generator = np.random.default_rng(seed)
+    pairs = {"random pair, batch 2": tuple(generator.integers(0, 256, (2, 1, *shape), dtype=np.uint8) for _ in range(2))}
+    if tuple(shape) == CANVAS:
+        from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
+
+        pair = synthetic_pair(evaluation_seeds(1)[0], labels=False)
+        fixed, moving = (np.clip(np.rint(pair[k].numpy() * 255), 0, 255).astype(np.uint8)[None] for k in ("fixed", "moving"))
+        pairs = {"template pair": (fixed, moving), **pairs}
+    return pairs
+
+
+def check_parity(model: LumiNet, run_exported, shape: tuple[int, int, int] = CANVAS,
+                 tolerance: float = PARITY_TOLERANCE) -> dict[str, float]:
+    """Max abs velocity difference of an exported graph against PyTorch, per input pair.
+
+    ``run_exported(fixed_u8, moving_u8) -> velocity`` (numpy in, numpy out)
+    runs the exported model. Raises ``RuntimeError`` naming the pair if any
+    difference exceeds ``tolerance`` (half-resolution voxels).
+    """
+    report = {}
+    graph = VelocityGraph(model.eval())
+    for name, (fixed, moving) in parity_inputs(shape).items():
+        with torch.no_grad():
+            expected = graph(torch.from_numpy(fixed), torch.from_numpy(moving)).numpy()
+        got = np.asarray(run_exported(fixed, moving), dtype=np.float32)
+        if got.shape != expected.shape:
+            raise RuntimeError(f"parity check, {name}: exported velocity has shape {got.shape}, expected {expected.shape}")
+        report[name] = float(np.abs(got - expected).max())
+        if not report[name] <= tolerance:
+            raise RuntimeError(f"parity check failed on the {name}: max |exported - PyTorch| = {report[name]:.3g} "
+                               f"half-resolution voxels > {tolerance:g}")
+    return report
+
+
+def onnxruntime_session(path: str | Path, device: str = "cpu", device_id: int = 0):
+    """An ONNX Runtime session on ``path``: CUDA execution provider for ``device="cuda"``, else CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise RuntimeError("the network should run on CUDA but this onnxruntime has no CUDA execution provider; "
+                               "install lumireg[gpu] (onnxruntime-gpu) on GPU hosts")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+    return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+
+def onnxruntime_runner(session):
+    """``(fixed_u8, moving_u8) -> velocity`` numpy callable over an ONNX Runtime session."""
+    return lambda fixed, moving: session.run([OUTPUT], {"fixed": fixed, "moving": moving})[0]

@@ -1,0 +1,147 @@
+"""What the ``lumireg`` model does around the network: integrate, warp, the QC report.
+
+The same functions run inside the server (:mod:`lumireg.service.registration_model`)
+and in process (:func:`register_in_process`: the reference the service is
+tested against and the baseline the service benchmark compares with). On CUDA
+tensors the work runs in our Triton kernels, on CPU tensors in their PyTorch
+twins (:mod:`lumireg.kernels` picks).
+
+Conventions: images ``uint8 (B, 1, 160, 224, 192)`` (LUMIR intensities);
+displacements ``float32 (B, 3, D, H, W)`` in voxels, pull-back from the fixed
+grid, channel c along array axis c (``README``, "Conventions").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from lumireg import __version__
+from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
+from lumireg.kernels import local_ncc, warp
+from lumireg.network.model import velocity_to_displacement
+from lumireg.service.contract import OUTPUT_NAMES
+
+NCC_WINDOW = 9  # voxels, VoxelMorph's and the training loss's window
+
+
+class StageTimer:
+    """Seconds spent per stage, accumulated; waits for the GPU at each stage's end so times are real."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device):
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
+                   model: str) -> list[dict]:
+    """One QC dict per pair.
+
+    Keys: ``ndv_percent`` (non-diffeomorphic volume in % of the moving image's
+    nonzero voxels, LUMIR's definition: :func:`lumireg.evaluate.metrics.ndv_percent`),
+    ``ncc_before`` / ``ncc_after`` (mean local NCC, window 9, of fixed vs
+    moving and fixed vs warped; 1 = identical up to local affine intensity
+    changes), ``jacobian_min`` (smallest central-difference Jacobian
+    determinant; <= 0 means folding), ``model`` and ``version`` (lumireg's).
+
+    Args:
+        fixed, moving, warped: ``(B, 1, D, H, W)`` on one device, any real dtype (0..255).
+        displacement: ``(B, 3, D, H, W)`` voxels.
+        model: the name of the weights, reported as is.
+    """
+    ncc_before = local_ncc(fixed.float(), moving.float(), NCC_WINDOW).tolist()
+    ncc_after = local_ncc(fixed.float(), warped.float(), NCC_WINDOW).tolist()
+    fields = displacement.float().cpu().numpy()
+    masks = moving[:, 0].cpu().numpy()
+    reports = []
+    for field, mask, before, after in zip(fields, masks, ncc_before, ncc_after):
+        field = as_channels_last(field)
+        reports.append({
+            "ndv_percent": ndv_percent(field, mask),
+            "ncc_before": before,
+            "ncc_after": after,
+            "jacobian_min": float(jacobian_determinant(field).min()),
+            "model": model,
+            "version": __version__,
+        })
+    return reports
+
+
+def postprocess(velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, wanted, *,
+                moving_labels: torch.Tensor | None = None, steps: int = 7, model: str = "lumireg",
+                timer: StageTimer | None = None) -> dict:
+    """The requested outputs of the ``lumireg`` model for a batch of pairs.
+
+    Args:
+        velocity: ``(B, 3, D/2, H/2, W/2)`` float32 network velocity (half-resolution voxels).
+        fixed, moving: ``uint8 (B, 1, D, H, W)`` on the velocity's device.
+        wanted: output names (:data:`lumireg.service.contract.OUTPUT_NAMES`).
+        moving_labels: ``int32 (B, 1, D, H, W)``; needed for ``warped_labels``.
+        steps: scaling-and-squaring steps (the network's).
+        model: the weights' name for the QC report.
+        timer: collects seconds per stage (``integrate``, ``warp``, ``qc``).
+
+    Returns:
+        ``{name: tensor}`` on the input device, shapes as in the contract, and
+        ``"qc"`` as a list of B JSON strings.
+    """
+    wanted = set(wanted)
+    unknown = wanted - set(OUTPUT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; the model has {list(OUTPUT_NAMES)}")
+    if "warped_labels" in wanted and moving_labels is None:
+        raise ValueError("output 'warped_labels' needs the input 'moving_labels'")
+    timer = timer or StageTimer()
+    device = velocity.device
+    out = {}
+    with timer.stage("integrate", device):
+        displacement = velocity_to_displacement(velocity, steps)
+        if "inverse_displacement" in wanted:
+            out["inverse_displacement"] = velocity_to_displacement(-velocity, steps)
+    with timer.stage("warp", device):
+        if "warped" in wanted or "qc" in wanted:
+            warped = warp(moving.float(), displacement)
+            if "warped" in wanted:
+                out["warped"] = warped
+        if "warped_labels" in wanted:
+            out["warped_labels"] = warp(moving_labels, displacement, mode="nearest").to(torch.int32)
+    if "displacement" in wanted:
+        out["displacement"] = displacement
+    if "displacement_fp16" in wanted:
+        out["displacement_fp16"] = displacement.half()
+    if "qc" in wanted:
+        with timer.stage("qc", device):
+            out["qc"] = [json.dumps(report) for report in quality_report(fixed, moving, warped, displacement, model)]
+    return out
+
+
+def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, *,
+                        moving_labels: np.ndarray | None = None, device: str = "cpu", steps: int = 7,
+                        model: str = "lumireg", timer: StageTimer | None = None) -> dict:
+    """The service's computation without the service: numpy in, :func:`postprocess`'s dict out.
+
+    Args:
+        network: ``(fixed_u8, moving_u8) -> velocity`` on numpy arrays (e.g.
+            :func:`lumireg.export.onnx.onnxruntime_runner`).
+        fixed, moving: ``uint8 (B, 1, D, H, W)``.
+        moving_labels: ``int32 (B, 1, D, H, W)`` or None.
+        device: where the post-processing runs.
+    """
+    timer = timer or StageTimer()
+    target = torch.device(device)
+    with timer.stage("network", target):
+        velocity = torch.as_tensor(np.asarray(network(fixed, moving)), device=target)
+    as_tensor = (lambda a: None if a is None else torch.as_tensor(a, device=target))
+    return postprocess(velocity, as_tensor(fixed), as_tensor(moving), wanted, moving_labels=as_tensor(moving_labels),
+                       steps=steps, model=model, timer=timer)

@@ -1,0 +1,113 @@
+"""The ``lumireg`` model: the service's entry point (python backend).
+
+For each batch of requests (Triton's dynamic batcher gathers up to 8 pairs):
+
+1. checks what each request asks for (a request that cannot be served gets
+   its own error; the rest of the batch goes on);
+2. sends all pairs in one request to ``lumireg_network`` (BLS) for the
+   half-resolution velocity;
+3. per request, :func:`lumireg.service.pipeline.postprocess` integrates,
+   warps and writes the QC report, on the instance's device: Triton kernels
+   on a GPU, their PyTorch twins on a CPU;
+4. answers with the outputs the request asked for, and records the stage
+   times and each pair's NDV in the metrics (:class:`lumireg.service.backend.Metrics`).
+
+A request that names no outputs gets all of them, less ``warped_labels`` when
+it sent no ``moving_labels``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.dlpack
+import triton_python_backend_utils as pb_utils
+
+from lumireg.export.onnx import INPUTS as IMAGES, OUTPUT as VELOCITY
+from lumireg.export.repository import EXPORT_RECORD
+from lumireg.service.backend import Metrics, error_response, input_tensor, instance_device, output_tensor
+from lumireg.service.contract import ENTRY_MODEL, OUTPUT_NAMES
+from lumireg.service.pipeline import StageTimer, postprocess
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.network_model = config["parameters"]["network_model"]["string_value"]
+        self.device = instance_device(args)
+        record_path = Path(args["model_repository"]).parent / self.network_model / "1" / EXPORT_RECORD
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        self.weights = record.get("weights", "unknown weights (no export.json)")
+        self.steps = int(record.get("steps", 7))
+        self.metrics = Metrics(ENTRY_MODEL)
+
+    def _wanted(self, request, has_labels: bool) -> set[str]:
+        wanted = set(request.requested_output_names())
+        if wanted == set(OUTPUT_NAMES) and not has_labels:
+            wanted.discard("warped_labels")  # everything by default, less what cannot be made
+        if "warped_labels" in wanted and not has_labels:
+            raise ValueError("output 'warped_labels' was requested but the input 'moving_labels' was not sent; "
+                             "send moving_labels (INT32 [1, 160, 224, 192]) or do not request warped_labels")
+        return wanted
+
+    def _velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        inputs = [output_tensor(name, image) for name, image in zip(IMAGES, (fixed, moving))]
+        extra = {}
+        if self.device.type == "cuda":
+            extra["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
+        response = pb_utils.InferenceRequest(model_name=self.network_model, inputs=inputs,
+                                             requested_output_names=[VELOCITY], **extra).exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.network_model}: {response.error().message()}")
+        velocity = pb_utils.get_output_tensor_by_name(response, VELOCITY)
+        if velocity.is_cpu():
+            return torch.from_numpy(velocity.as_numpy()).to(self.device)
+        return torch.utils.dlpack.from_dlpack(velocity.to_dlpack()).to(self.device)
+
+    def execute(self, requests) -> list:
+        start = time.perf_counter()
+        responses: list = [None] * len(requests)
+        accepted = []  # (index, fixed, moving, labels, wanted)
+        for index, request in enumerate(requests):
+            try:
+                images = [input_tensor(request, name, self.device) for name in IMAGES]
+                labels = input_tensor(request, "moving_labels", self.device)
+                accepted.append((index, *images, labels, self._wanted(request, labels is not None)))
+            except ValueError as exc:
+                self.metrics.error("bad_request")
+                responses[index] = error_response(str(exc), bad_request=True)
+        if accepted:
+            try:
+                self._register(requests, accepted, responses)
+            except Exception as exc:  # answer every accepted request; the model stays up for the next batch
+                self.metrics.error("internal")
+                for index, *_ in accepted:
+                    responses[index] = error_response(f"lumireg: registration failed: {exc}")
+        self.metrics.stage("total", time.perf_counter() - start)
+        return responses
+
+    def _register(self, requests, accepted, responses) -> None:
+        timer = StageTimer()
+        with timer.stage("network", self.device):
+            velocity = self._velocity(torch.cat([a[1] for a in accepted]), torch.cat([a[2] for a in accepted]))
+        row = 0
+        for index, fixed, moving, labels, wanted in accepted:
+            rows = slice(row, row + fixed.shape[0])
+            row = rows.stop
+            out = postprocess(velocity[rows], fixed, moving, wanted, moving_labels=labels, steps=self.steps,
+                              model=self.weights, timer=timer)
+            tensors = []
+            for name, value in out.items():
+                if name == "qc":
+                    for report in value:
+                        self.metrics.ndv.observe(json.loads(report)["ndv_percent"])
+                    value = np.array([[report.encode()] for report in value], dtype=np.object_)
+                tensors.append(output_tensor(name, value))
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            self.metrics.pairs.increment(fixed.shape[0])
+        for stage, seconds in timer.seconds.items():
+            self.metrics.stage(stage, seconds)

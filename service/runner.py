@@ -1,0 +1,60 @@
+"""``lumireg serve``: the bundled (or an exported) model on the embedded Triton server, until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from lumireg.export import repository
+from lumireg.service.server import EmbeddedServer, Ports, ServerError
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def ensure_exported(root, log=print) -> None:
+    """Export the bundled weights into ``root`` if its network file is missing (a fresh clone's first serve)."""
+    if not repository.network_path(root).is_file():
+        from lumireg.export.runner import export
+
+        log(f"{repository.network_path(root)} is missing: exporting the bundled weights first")
+        export(root=root, log=log)
+
+
+def run(args: argparse.Namespace) -> int:
+    ports = Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
+    server = EmbeddedServer(args.repository, host=args.host, ports=ports, verbose=args.log_verbose)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        ensure_exported(args.repository)
+        server.start(timeout=args.timeout)
+        print(f"lumireg is serving model 'lumireg' on grpc://{server.grpc_url} "
+              f"(HTTP {server.http_url}, metrics {server.metrics_url}); Ctrl-C stops it", flush=True)
+        code = server.wait()
+        print(f"lumireg serve: tritonserver exited with code {code}", file=sys.stderr)
+        return code or 1
+    except ServerError as exc:
+        print(f"lumireg serve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lumireg serve: stopping", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def add_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="start the Triton Inference Server on the bundled model",
+                           description="Serve lumireg on the embedded NVIDIA Triton Inference Server (CPU or GPU).")
+    serve.add_argument("--repository", default=str(repository.SOURCE_REPOSITORY),
+                       help="model repository (default: the project's model_repository/, exported on first use)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--grpc-port", type=int, default=Ports.grpc, help=f"gRPC port (default: {Ports.grpc})")
+    serve.add_argument("--http-port", type=int, default=Ports.http, help=f"HTTP port (default: {Ports.http})")
+    serve.add_argument("--metrics-port", type=int, default=Ports.metrics,
+                       help=f"Prometheus metrics port (default: {Ports.metrics})")
+    serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
+    serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (default: 0)")
+    serve.set_defaults(func=run)

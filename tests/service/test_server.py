@@ -1,0 +1,165 @@
+"""The served model against the in-process computation, on the real embedded server (gRPC)."""
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
+from lumireg.kernels import warp
+from lumireg.service.contract import OUTPUT_NAMES
+
+TYPES = {np.uint8: "UINT8", np.int32: "INT32", np.float32: "FP32"}
+
+
+def inputs(**arrays) -> list:
+    out = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), TYPES[array.dtype.type])
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        out.append(tensor)
+    return out
+
+
+def infer(client, outputs, **arrays):
+    return client.infer("lumireg", inputs(**arrays), outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+
+
+def returned(result) -> set:
+    return {output.name for output in result.get_response().outputs}
+
+
+@pytest.fixture(scope="module")
+def full(client, pair):
+    """One request asking for every output, with labels."""
+    return infer(client, OUTPUT_NAMES, **pair)
+
+
+def test_health_endpoints(server, client):
+    assert server.live() and server.ready()
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("lumireg")
+
+
+def test_displacement_equals_in_process_pytorch(full, in_process):
+    for name in ("displacement", "inverse_displacement"):
+        field = full.as_numpy(name)
+        assert field.shape == (1, 3, 160, 224, 192) and field.dtype == np.float32
+        assert np.abs(field - in_process[name]).max() <= 1e-3, name
+    assert np.abs(in_process["displacement"]).max() > 0.5  # a real deformation, not the identity
+    half = full.as_numpy("displacement_fp16")
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, full.as_numpy("displacement").astype(np.float16))
+
+
+def test_warped_outputs_follow_the_returned_field(full, pair):
+    disp = torch.from_numpy(full.as_numpy("displacement").copy())
+    expected = warp(torch.from_numpy(pair["moving"]).float(), disp).numpy()
+    assert np.abs(full.as_numpy("warped") - expected).max() <= 1e-3
+    labels = warp(torch.from_numpy(pair["moving_labels"]), disp, mode="nearest").numpy()
+    warped_labels = full.as_numpy("warped_labels")
+    assert warped_labels.dtype == np.int32
+    assert np.mean(warped_labels != labels) < 1e-5  # nearest neighbour: equal but for ties at exactly half a voxel
+
+
+def test_qc_report_matches_the_evaluator(full, pair):
+    qc = json.loads(full.as_numpy("qc")[0, 0])
+    assert set(qc) == {"ndv_percent", "ncc_before", "ncc_after", "jacobian_min", "model", "version"}
+    field = as_channels_last(full.as_numpy("displacement")[0])
+    assert qc["ndv_percent"] == pytest.approx(ndv_percent(field, pair["moving"][0, 0]), abs=1e-9)
+    assert qc["jacobian_min"] == pytest.approx(float(jacobian_determinant(field).min()), rel=1e-9)
+    assert 0 <= qc["ncc_before"] < qc["ncc_after"] <= 1.0001  # registration made the images more alike
+    assert "lumireg-default" in qc["model"]
+
+
+def test_only_requested_outputs_come_back(client, pair):
+    result = infer(client, ["displacement_fp16"], fixed=pair["fixed"], moving=pair["moving"])
+    assert returned(result) == {"displacement_fp16"}
+
+
+def test_no_outputs_named_gives_all_that_can_be_made(client, pair):
+    result = client.infer("lumireg", inputs(fixed=pair["fixed"], moving=pair["moving"]))
+    assert returned(result) == set(OUTPUT_NAMES) - {"warped_labels"}
+
+
+def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process):
+    """Two pairs in one request, and two requests in flight (the dynamic batcher may merge them)."""
+    swapped = {"fixed": np.concatenate([pair["fixed"], pair["moving"]]),
+               "moving": np.concatenate([pair["moving"], pair["fixed"]])}
+    batch = infer(client, ["displacement"], **swapped).as_numpy("displacement")
+    assert batch.shape == (2, 3, 160, 224, 192)
+    assert np.abs(batch[:1] - in_process["displacement"]).max() <= 1e-3
+    assert np.abs(batch[1:] - in_process["inverse_displacement"]).max() <= 1e-3  # swapping the images inverts
+
+    results, pending = {}, []
+    for name, (f, m) in {"forward": (pair["fixed"], pair["moving"]), "swapped": (pair["moving"], pair["fixed"])}.items():
+        callback = lambda result, error, name=name: results.__setitem__(name, (result, error))  # noqa: E731
+        pending.append(client.async_infer("lumireg", inputs(fixed=f, moving=m), callback,
+                                          outputs=[grpcclient.InferRequestedOutput("displacement")]))
+    import time
+
+    deadline = time.monotonic() + 120
+    while len(results) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(error is None for _, error in results.values())
+    assert np.abs(results["forward"][0].as_numpy("displacement") - in_process["displacement"]).max() <= 1e-3
+    assert np.abs(results["swapped"][0].as_numpy("displacement") - in_process["inverse_displacement"]).max() <= 1e-3
+
+
+BAD_REQUESTS = {
+    "wrong dtype": (lambda p: dict(fixed=p["fixed"].astype(np.float32), moving=p["moving"]), ["displacement"],
+                    ["fixed", "UINT8"]),
+    "wrong shape": (lambda p: dict(fixed=p["fixed"][:, :, :80], moving=p["moving"]), ["displacement"],
+                    ["fixed", "[-1,1,160,224,192]"]),
+    "missing input": (lambda p: dict(fixed=p["fixed"]), ["displacement"], ["moving"]),
+    "labels output without labels": (lambda p: dict(fixed=p["fixed"], moving=p["moving"]), ["warped_labels"],
+                                     ["moving_labels", "warped_labels"]),
+    "wrong label dtype": (lambda p: dict(fixed=p["fixed"], moving=p["moving"], moving_labels=p["moving"]),
+                          ["warped_labels"], ["moving_labels", "INT32"]),
+    "batch over the limit": (lambda p: dict(fixed=np.repeat(p["fixed"], 9, 0), moving=np.repeat(p["moving"], 9, 0)),
+                             ["displacement"], ["batch", "8"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_request_gets_a_clear_error_and_the_server_stays_ready(client, server, pair, case):
+    make, outputs, words = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException) as error:
+        infer(client, outputs, **make(pair))
+    message = error.value.message()
+    assert all(word in message.replace(" ", "") or word in message for word in words), message
+    assert server.ready() and client.is_model_ready("lumireg")
+    small = infer(client, ["displacement_fp16"], fixed=pair["fixed"], moving=pair["moving"])
+    assert small.as_numpy("displacement_fp16").shape == (1, 3, 160, 224, 192)
+
+
+def scrape(server) -> dict:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, lab), v in samples.items() if n == name and all(dict(lab).get(k) == x for k, x in labels.items()))
+
+
+def test_metrics_hold_triton_and_lumireg_families(client, server, pair):
+    before = scrape(server)
+    infer(client, ["displacement", "qc"], fixed=pair["fixed"], moving=pair["moving"])
+    after = scrape(server)
+    assert total(after, "nv_inference_request_success_total", model="lumireg") == \
+        total(before, "nv_inference_request_success_total", model="lumireg") + 1
+    assert total(after, "lumireg_pairs_total") == total(before, "lumireg_pairs_total") + 1
+    assert total(after, "lumireg_ndv_percent_count") == total(before, "lumireg_ndv_percent_count") + 1
+    for stage in ("network", "integrate", "warp", "qc", "total"):
+        count = total(after, "lumireg_stage_seconds_count", stage=stage)
+        assert count == total(before, "lumireg_stage_seconds_count", stage=stage) + 1, stage
+        assert total(after, "lumireg_stage_seconds_sum", stage=stage) > total(before, "lumireg_stage_seconds_sum", stage=stage)
