@@ -1,18 +1,25 @@
-# lumireg on a production GPU host: NVIDIA Triton Inference Server with lumireg's
-# kernels available to python-backend models.
+# lumireg on a production GPU host: NVIDIA Triton Inference Server with the network in Triton's
+# onnxruntime backend and lumireg's post-processing (Triton kernels on GPU tensors) in the python backend.
 #
 #   docker build -t lumireg .
-#   docker run --gpus all --shm-size 1g -p 8000:8000 -p 8001:8001 -p 8002:8002 lumireg
+#   docker run --rm --gpus all --shm-size 2g -p 8000:8000 -p 8001:8001 -p 8002:8002 lumireg
 #
-# The server image's python backend runs Python 3.12 with its own interpreter;
-# lumireg and its server extra are installed into it.
+# A TensorRT plan instead of the ONNX network (built on the serving GPU, at start):
+#   docker run --rm --gpus all --shm-size 2g -p 8000-8002:8000-8002 lumireg \
+#     sh -c 'lumireg export --trt --fp16 --repository /opt/lumireg/models && exec tritonserver --model-repository=/opt/lumireg/models'
+#
+# --shm-size: the python backend hands tensors between Triton and its stub processes through /dev/shm
+# (a batch of 8 float32 fields is 660 MB). The CUDA memory pool below holds the GPU tensors that the
+# python backend passes by DLPack (FORCE_CPU_ONLY_INPUT_TENSORS=no is set in the model config).
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
 WORKDIR /opt/lumireg
 COPY . /opt/lumireg
-RUN python3 -m pip install --no-cache-dir '.[server]'
+# the image's python backend runs the system Python 3.12; lumireg and its server extra go into it
+RUN python3 -m pip install --no-cache-dir '.[server]' \
+ && lumireg export --variant onnx --repository /opt/lumireg/models
 
-ENV FORCE_CPU_ONLY_INPUT_TENSORS=no
 EXPOSE 8000 8001 8002
-CMD ["tritonserver", "--model-repository=/opt/lumireg/model_repository", \
-     "--cuda-memory-pool-byte-size=0:536870912"]
+HEALTHCHECK --interval=30s --timeout=5s CMD curl -fs localhost:8000/v2/health/ready || exit 1
+CMD ["tritonserver", "--model-repository=/opt/lumireg/models", \
+     "--cuda-memory-pool-byte-size=0:2147483648", "--allow-gpu-metrics=true"]

@@ -180,8 +180,11 @@ class EmbeddedServer:
     def _log_hint(self) -> str:
         if not self.log:
             return " (its log is above)"
-        lines = Path(self.log).read_text(errors="replace").splitlines()[-25:]
-        return f"; the end of its log ({self.log}):\n" + "\n".join(lines)
+        lines = Path(self.log).read_text(errors="replace").splitlines()
+        # Triton's error lines start with E<date>; the CUDA helper's complaint on CPU-only hosts is noise
+        errors = [line for line in lines if (line.startswith("E") and "CudaDriverHelper" not in line)
+                  or line.startswith("error:")]
+        return f"; its errors ({self.log}):\n" + "\n".join((errors or lines)[-25:])
 
     def _health(self, kind: str) -> bool:
         try:

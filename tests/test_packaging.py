@@ -47,6 +47,6 @@ def test_cli_lists_every_subcommand(tmp_path):
 
 
 def test_cli_subcommand_not_yet_available_fails_clearly(tmp_path):
-    result = subprocess.run([LUMIREG, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([LUMIREG, "register"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "not available" in result.stderr

@@ -1,0 +1,56 @@
+"""`lumireg serve` and the launcher: clear failures, clean stops."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lumireg.export.repository import SOURCE_REPOSITORY
+from lumireg.service.server import EmbeddedServer, ServerError, free_ports, port_in_use
+
+
+def test_a_taken_port_is_named(tmp_path):
+    ports = free_ports()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports.grpc))
+        taken.listen()
+        with pytest.raises(ServerError, match=f"gRPC port {ports.grpc} on 127.0.0.1 is already in use"):
+            EmbeddedServer(SOURCE_REPOSITORY, ports=ports).start()
+
+
+def test_a_folder_that_is_not_a_repository_is_refused(tmp_path):
+    with pytest.raises(ServerError, match="not a lumireg model repository"):
+        EmbeddedServer(tmp_path, ports=free_ports()).start()
+
+
+def test_a_broken_repository_reports_the_server_log(tmp_path):
+    (tmp_path / "lumireg").mkdir()
+    (tmp_path / "lumireg" / "config.pbtxt").write_text("this is not a model config")
+    with pytest.raises(ServerError, match="tritonserver exited with code") as error:
+        EmbeddedServer(tmp_path, ports=free_ports(), log=tmp_path / "log.txt").start(timeout=120)
+    assert "failed to read text proto" in str(error.value).split("its errors")[1]
+
+
+def test_serve_prints_its_endpoint_and_stops_cleanly_on_sigterm(server):
+    ports = free_ports()
+    command = [sys.executable, "-m", "lumireg", "serve", "--grpc-port", str(ports.grpc),
+               "--http-port", str(ports.http), "--metrics-port", str(ports.metrics)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        line = ""
+        while time.monotonic() < deadline and "serving" not in line:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+        assert f"grpc://127.0.0.1:{ports.grpc}" in line, line
+        assert port_in_use("127.0.0.1", ports.grpc)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        assert not any(port_in_use("127.0.0.1", port) for port in (ports.grpc, ports.http, ports.metrics))
+    finally:
+        if process.poll() is None:
+            process.kill()
