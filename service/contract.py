@@ -9,6 +9,8 @@ at 1 mm, axes as the NIfTI data array is stored.
 from __future__ import annotations
 
 CANVAS = (160, 224, 192)
+CANVAS_SPACING_MM = 1.0
+CANVAS_ORIENTATION = ("R", "A", "S")  # array axes i, j, k point right, anterior, superior (the template's)
 HALF_CANVAS = tuple(n // 2 for n in CANVAS)  # the network's velocity grid
 ENTRY_MODEL, NETWORK_MODEL = "lumireg", "lumireg_network"
 MAX_BATCH_SIZE = 8
