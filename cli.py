@@ -11,20 +11,6 @@ import sys
 
 from lumireg import __version__
 
-# Subcommands whose implementation has not landed yet, with what each will do.
-_PLANNED = {
-    "register": "register a fixed and a moving NIfTI image through the service",
-}
-
-
-def _not_available(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"lumireg {name}: not available in lumireg {__version__} yet.", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def _bench(args: argparse.Namespace) -> int:
     if args.accuracy:
         from lumireg.benchmarks import accuracy
@@ -93,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lumireg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lumireg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, summary in _PLANNED.items():
-        sub.add_parser(name, help=summary).set_defaults(func=_not_available(name))
     _add_train(sub)
     from lumireg.export.runner import add_parser as add_export
 
@@ -102,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lumireg.service.runner import add_parser as add_serve
 
     add_serve(sub)
+    from lumireg.client.command import add_parser as add_register
+
+    add_register(sub)
 
     evaluate = sub.add_parser("evaluate", help="score displacement fields with the LUMIR metrics")
     evaluate.add_argument("-i", "--input", required=True, help="folder of disp_{fixedID}_{movingID}.nii.gz fields")

@@ -72,15 +72,25 @@ def _check_method(path, m) -> dict:
     return m
 
 
-def _check_pair(path, p) -> dict:
-    names = [p.get(side) if isinstance(p, dict) else None for side in ("fixed", "moving")]
-    found = [_IMAGE_NAME.search(n) if isinstance(n, str) else None for n in names]
+def case_names(fixed: str, moving: str) -> tuple[str, str] | None:
+    """LUMIR's names for a pair of image paths ending in ``_XXXX_YYYY.nii.gz`` (ID, modality):
+    the case key ``"{fixedID}_{fixedMod}<--{movingID}_{movingMod}"`` and the field's file stem
+    ``disp_{fixedID}_{movingID}`` (``disp_{fixedID}_{fixedMod}_{movingID}_{movingMod}`` across modalities);
+    None if either path does not end that way."""
+    found = [_IMAGE_NAME.search(n) if isinstance(n, str) else None for n in (fixed, moving)]
     if not all(found):
-        _fail(path, f"each eval pair needs 'fixed' and 'moving' image paths ending in _XXXX_YYYY.nii.gz, got {p!r}")
+        return None
     (fix, fix_mod), (mov, mov_mod) = (f.groups() for f in found)
     lazy = fix_mod == mov_mod or (fix_mod, mov_mod) == ("0000", "0001")
-    return {"fixed": names[0], "moving": names[1], "key": f"{fix}_{fix_mod}<--{mov}_{mov_mod}",
-            "disp": f"disp_{fix}_{mov}" if lazy else f"disp_{fix}_{fix_mod}_{mov}_{mov_mod}"}
+    return f"{fix}_{fix_mod}<--{mov}_{mov_mod}", f"disp_{fix}_{mov}" if lazy else f"disp_{fix}_{fix_mod}_{mov}_{mov_mod}"
+
+
+def _check_pair(path, p) -> dict:
+    names = [p.get(side) if isinstance(p, dict) else None for side in ("fixed", "moving")]
+    found = case_names(*names)
+    if found is None:
+        _fail(path, f"each eval pair needs 'fixed' and 'moving' image paths ending in _XXXX_YYYY.nii.gz, got {p!r}")
+    return {"fixed": names[0], "moving": names[1], "key": found[0], "disp": found[1]}
 
 
 def load_config(path) -> dict:

@@ -42,10 +42,10 @@ def output_tensor(name: str, value) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, value)
 
 
-def error_response(message: str, bad_request: bool = False) -> "pb_utils.InferenceResponse":
-    """An error answer; ``bad_request`` marks the caller's mistake (gRPC INVALID_ARGUMENT, else INTERNAL)."""
-    code = pb_utils.TritonError.INVALID_ARG if bad_request else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+def error_response(message: str, code: str = "INTERNAL") -> "pb_utils.InferenceResponse":
+    """An error answer. ``code``: ``INVALID_ARG`` (the caller's mistake; gRPC INVALID_ARGUMENT),
+    ``UNAVAILABLE`` (try again: the server is starting or stopping) or ``INTERNAL``."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
 
 
 class Metrics:

@@ -34,6 +34,10 @@ from lumireg.service.contract import ENTRY_MODEL, OUTPUT_NAMES
 from lumireg.service.pipeline import StageTimer, postprocess
 
 
+class NetworkUnavailable(RuntimeError):
+    """The network model cannot answer now (server shutting down or starting); the client should retry."""
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -62,7 +66,11 @@ class TritonPythonModel:
         response = pb_utils.InferenceRequest(model_name=self.network_model, inputs=inputs,
                                              requested_output_names=[VELOCITY], **extra).exec()
         if response.has_error():
-            raise RuntimeError(f"{self.network_model}: {response.error().message()}")
+            error = response.error()
+            if error.code() == pb_utils.TritonError.UNAVAILABLE or "not ready" in error.message().lower():
+                raise NetworkUnavailable(f"{self.network_model} is unavailable (the server is starting or "
+                                         f"stopping): {error.message()}")
+            raise RuntimeError(f"{self.network_model}: {error.message()}")
         velocity = pb_utils.get_output_tensor_by_name(response, VELOCITY)
         if velocity.is_cpu():
             return torch.from_numpy(velocity.as_numpy()).to(self.device)
@@ -79,14 +87,16 @@ class TritonPythonModel:
                 accepted.append((index, *images, labels, self._wanted(request, labels is not None)))
             except ValueError as exc:
                 self.metrics.error("bad_request")
-                responses[index] = error_response(str(exc), bad_request=True)
+                responses[index] = error_response(str(exc), "INVALID_ARG")
         if accepted:
             try:
                 self._register(requests, accepted, responses)
             except Exception as exc:  # answer every accepted request; the model stays up for the next batch
-                self.metrics.error("internal")
+                unavailable = isinstance(exc, NetworkUnavailable)
+                self.metrics.error("unavailable" if unavailable else "internal")
                 for index, *_ in accepted:
-                    responses[index] = error_response(f"lumireg: registration failed: {exc}")
+                    responses[index] = error_response(f"lumireg: registration failed: {exc}",
+                                                      "UNAVAILABLE" if unavailable else "INTERNAL")
         self.metrics.stage("total", time.perf_counter() - start)
         return responses
 

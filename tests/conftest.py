@@ -14,9 +14,13 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if TRITON_DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from lumireg.export.repository import SOURCE_REPOSITORY  # noqa: E402
 from lumireg.kernels import _dispatch  # noqa: E402
+from lumireg.service.runner import ensure_exported  # noqa: E402
+from lumireg.service.server import EmbeddedServer, free_ports  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +47,44 @@ def pytest_report_header(config):
 def rng(request) -> torch.Generator:
     """A generator seeded from the session seed and the test's id."""
     return torch.Generator().manual_seed(SESSION_SEED + zlib.crc32(request.node.nodeid.encode()))
+
+
+# --- the real embedded Triton server, started once per session for the tests that ask for it ---
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """``tritonserver`` from nvidia-pytriton on free ports, on the repository that set-up exported."""
+    ensure_exported(SOURCE_REPOSITORY)
+    log = tmp_path_factory.mktemp("tritonserver") / "server.log"
+    with EmbeddedServer(SOURCE_REPOSITORY, ports=free_ports(), log=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def pair():
+    """A held-out synthetic pair on LUMIR's canvas: uint8 images and int32 labels, ``(1, 1, 160, 224, 192)``."""
+    from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
+
+    sample = synthetic_pair(evaluation_seeds(3)[2])
+    as_u8 = lambda x: np.clip(np.rint(x.numpy() * 255), 0, 255).astype(np.uint8)[None]  # noqa: E731
+    return {"fixed": as_u8(sample["fixed"]), "moving": as_u8(sample["moving"]),
+            "moving_labels": sample["moving_labels"].numpy().astype(np.int32)[None]}
+
+
+@pytest.fixture(scope="session")
+def in_process(pair):
+    """The bundled network in PyTorch on the test pair: forward and inverse displacement, float32."""
+    from lumireg.network.checkpoint import load_model
+
+    model = load_model()
+    with torch.no_grad():
+        forward, inverse = model.forward_and_inverse(*(torch.from_numpy(pair[k]).float() / 255 for k in ("fixed", "moving")))
+    return {"displacement": forward.numpy(), "inverse_displacement": inverse.numpy()}

@@ -30,8 +30,8 @@ def test_no_bare_top_level_package_is_installed(folder, tmp_path):
 
 def test_client_and_cli_never_import_torch(tmp_path):
     code = (
-        "import sys, lumireg.client, lumireg.cli\n"
-        "lumireg.cli.build_parser().parse_args(['register'])\n"
+        "import sys, lumireg.client, lumireg.cli, lumireg.client.command\n"
+        "lumireg.cli.build_parser().parse_args(['register', 'f.nii.gz', 'm.nii.gz', '-o', 'out'])\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')))"
     )
     result = _python(code, cwd=tmp_path)
@@ -47,6 +47,6 @@ def test_cli_lists_every_subcommand(tmp_path):
 
 
 def test_cli_subcommand_not_yet_available_fails_clearly(tmp_path):
-    result = subprocess.run([LUMIREG, "register"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([LUMIREG, "bench"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "not available" in result.stderr

@@ -1,0 +1,283 @@
+"""``RegistrationClient``: NIfTI (or arrays) in, NIfTI images in the caller's own spaces out.
+
+LUMIR images (160 x 224 x 192 uint8) go to the server as they are and the
+server's outputs come back as they are. Any other image (size, spacing,
+orientation, dtype, contrast) is brought onto the model's canvas by
+:mod:`lumireg.client.geometry` (1 mm, RAS, centred on its field of view,
+robust-percentile intensities to 0..255); the displacement that comes back is
+turned into a displacement on the fixed image's own grid (in its voxels), and
+the warped image and labels are resampled from the caller's original moving
+image (labels by nearest neighbour), not from the 8-bit copy.
+
+Every result is in the fixed image's space with its affine and header: the
+displacement in LUMIR's convention (``[X, Y, Z, 3]``, voxels, pull-back:
+``warped(x) = moving(x + d(x))`` with both in the fixed grid's voxel
+coordinates), and with ``field_format="itk"`` also the world-space field that
+ANTs / ITK apply (``antsApplyTransforms -t displacement_itk.nii.gz``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from lumireg.client import geometry
+from lumireg.client.transport import GrpcTransport, SharedMemoryTransport
+
+RESULT_OUTPUTS = ("displacement", "inverse_displacement", "warped", "warped_labels", "qc")
+FILES = {"displacement": "displacement.nii.gz", "inverse_displacement": "inverse_displacement.nii.gz",
+         "warped": "warped.nii.gz", "warped_labels": "warped_labels.nii.gz", "qc": "qc.json",
+         "displacement_itk": "displacement_itk.nii.gz"}
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+class LumiregError(RuntimeError):
+    """A registration that could not be done; the message says why (the server's own words when it refused)."""
+
+
+class InputError(LumiregError, ValueError):
+    """An input image that cannot be registered (missing, unreadable, not 3-D, empty)."""
+
+
+class ServerUnavailable(LumiregError):
+    """No server answered at the URL, even after retrying."""
+
+
+@dataclass
+class Image:
+    """A caller's 3-D image: data as stored, voxel -> RAS mm affine, and the header to keep."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+
+
+def load_image(source, what: str, affine: np.ndarray | None = None) -> Image:
+    """A path, a nibabel image or an array (with ``affine``; LUMIR-shaped uint8 arrays may omit it) -> :class:`Image`."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"{what}: no such file: {path}")
+        try:
+            source = nib.load(str(path))
+            data = np.asanyarray(source.dataobj)
+        except Exception as exc:
+            raise InputError(f"{what}: cannot read {path} as a NIfTI image ({exc})") from exc
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        data, affine, header = np.asanyarray(source.dataobj), source.affine, source.header
+    else:
+        data, header = np.asarray(source), None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{what}: a 3-D volume is needed, got an array of shape {data.shape}")
+    if data.size == 0 or not np.any(data):
+        raise InputError(f"{what}: the image is empty (every voxel is 0)")
+    if affine is None:
+        if not geometry.is_native(data):
+            raise InputError(f"{what}: an array that is not a LUMIR image (160x224x192 uint8) needs its affine")
+        affine = np.eye(4)
+    return Image(data, np.asarray(affine, dtype=np.float64), header)
+
+
+@dataclass
+class RegistrationResult:
+    """The outputs asked for, as nibabel images in the fixed image's space (None when not asked), and the QC dict."""
+
+    displacement: nib.Nifti1Image | None = None
+    inverse_displacement: nib.Nifti1Image | None = None  # in the moving image's space
+    warped: nib.Nifti1Image | None = None
+    warped_labels: nib.Nifti1Image | None = None
+    displacement_itk: nib.Nifti1Image | None = None
+    qc: dict | None = None
+    seconds: dict = field(default_factory=dict)  # wall time: "server" (the request), "total"
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write every output present to ``out_dir`` (:data:`FILES` names); each file appears whole or not at all."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for name, filename in FILES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            target = out_dir / filename
+            partial = out_dir / f".partial-{os.getpid()}-{filename}"
+            if name == "qc":
+                partial.write_text(json.dumps(value, indent=2) + "\n")
+            else:
+                nib.save(value, str(partial))
+            partial.replace(target)
+            written[name] = target
+        return written
+
+
+def _on_canvas(image: Image, what: str):
+    try:
+        return geometry.to_canvas(image.data, image.affine)
+    except ValueError as exc:
+        raise InputError(f"{what}: {exc}") from exc
+
+
+def _like(data: np.ndarray, image: Image) -> nib.Nifti1Image:
+    header = image.header.copy() if isinstance(image.header, nib.Nifti1Header) else None
+    out = nib.Nifti1Image(data, image.affine, header=header)
+    out.set_data_dtype(data.dtype)
+    out.header.set_qform(image.affine, code=1)
+    out.header.set_sform(image.affine, code=1)
+    return out
+
+
+def _channels_last(disp: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(disp.astype(np.float32), 0, -1))
+
+
+class RegistrationClient:
+    """A connection to a lumireg server.
+
+    Args:
+        url: the server's gRPC endpoint, ``host:port``.
+        transport: ``"auto"`` (system shared memory when the host is this
+            machine's loopback, else gRPC payloads), ``"shm"`` or ``"grpc"``.
+        timeout: seconds one request may take before it fails.
+        retry_seconds: how long to keep retrying, with exponential backoff,
+            while the server is unavailable (restarting, not up yet).
+        concurrency: requests this client may have in flight at once (threads).
+    """
+
+    def __init__(self, url: str = "localhost:8001", transport: str = "auto", timeout: float = 600.0,
+                 retry_seconds: float = 60.0, concurrency: int = 1):
+        if transport == "auto":
+            transport = "shm" if url.rsplit(":", 1)[0] in LOOPBACK else "grpc"
+        if transport not in ("shm", "grpc"):
+            raise ValueError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
+        self.url, self.timeout, self.retry_seconds = url, timeout, retry_seconds
+        self.transport_name = transport
+        self.client = grpcclient.InferenceServerClient(url)
+        self.transport = SharedMemoryTransport(concurrency) if transport == "shm" else GrpcTransport()
+
+    def __enter__(self) -> "RegistrationClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the shared memory regions and the connection."""
+        self.transport.close(self.client)
+        self.client.close()
+
+    def ready(self) -> bool:
+        try:
+            return self.client.is_server_ready() and self.client.is_model_ready("lumireg")
+        except InferenceServerException:
+            return False
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """One request of the wire contract (batch axis included), retried while the server is unavailable."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay, reset = 0.5, False
+        while True:
+            try:
+                if reset:
+                    self.transport.reset(self.client)
+                    reset = False
+                return self.transport.infer(self.client, inputs, outputs, self.timeout)
+            except InferenceServerException as exc:
+                status, message = str(exc.status() or ""), exc.message() or str(exc)
+                if "DEADLINE_EXCEEDED" in status:
+                    raise LumiregError(f"the server at {self.url} did not answer within {self.timeout:g} s") from exc
+                lost_region = "shared memory region" in message and reset is False
+                if "UNAVAILABLE" not in status and not lost_region:
+                    raise LumiregError(f"the server refused the request: {message}") from exc
+                if time.monotonic() + delay > deadline:
+                    raise ServerUnavailable(f"no lumireg server answered at {self.url} "
+                                            f"(retried for {self.retry_seconds:g} s): {message}") from exc
+                time.sleep(delay)
+                delay, reset = min(2 * delay, 5.0), True
+
+    def register(self, fixed, moving, outputs=("displacement", "warped"), moving_labels=None, *,
+                 fixed_affine=None, moving_affine=None, precision: str = "float16",
+                 field_format: str = "lumir") -> RegistrationResult:
+        """Register ``moving`` onto ``fixed``.
+
+        Args:
+            fixed, moving: NIfTI paths, nibabel images, or 3-D arrays with
+                ``fixed_affine`` / ``moving_affine`` (voxel -> RAS mm).
+            outputs: any of :data:`RESULT_OUTPUTS`.
+            moving_labels: a label map on the moving image's grid (path, image
+                or integer array); needed for ``warped_labels``.
+            precision: ``"float16"`` (half the bytes on the wire) or
+                ``"float32"`` for the displacement fields.
+            field_format: ``"lumir"``, or ``"itk"`` to also get ``displacement_itk``.
+
+        Raises:
+            InputError: an input cannot be registered. LumiregError: the server
+            refused (its message included). ServerUnavailable: no server.
+        """
+        start = time.perf_counter()
+        outputs = set(outputs)
+        unknown = outputs - set(RESULT_OUTPUTS)
+        if unknown or precision not in ("float16", "float32") or field_format not in ("lumir", "itk"):
+            raise ValueError(f"outputs must be among {RESULT_OUTPUTS} (got {sorted(unknown)}), precision "
+                             f"float16|float32 (got {precision!r}), field_format lumir|itk (got {field_format!r})")
+        if "warped_labels" in outputs and moving_labels is None:
+            raise InputError("warped_labels needs moving_labels")
+        if field_format == "itk":
+            outputs.add("displacement")
+        fixed, moving = load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine)
+        labels = None
+        if moving_labels is not None:
+            labels = load_image(moving_labels, "moving_labels", moving.affine)
+            if labels.data.shape != moving.data.shape:
+                raise InputError(f"moving_labels: shape {labels.data.shape} differs from the moving image's "
+                                 f"{moving.data.shape}")
+        (fixed_canvas, fixed_place), (moving_canvas, moving_place) = (_on_canvas(image, what) for image, what in
+                                                                      ((fixed, "fixed"), (moving, "moving")))
+        native = fixed_place.native and moving_place.native
+
+        field_name = "displacement_fp16" if precision == "float16" else "displacement"
+        wire = [field_name] + [n for n in ("inverse_displacement", "qc") if n in outputs]
+        inputs = {"fixed": fixed_canvas[None, None], "moving": moving_canvas[None, None]}
+        if native:  # the server's own warped outputs are exact for LUMIR images
+            wire += [n for n in ("warped", "warped_labels") if n in outputs]
+            if "warped_labels" in outputs:
+                inputs["moving_labels"] = labels.data.astype(np.int32)[None, None]
+        sent = time.perf_counter()
+        answer = self.infer(inputs, wire)
+        result = RegistrationResult(seconds={"server": time.perf_counter() - sent})
+
+        disp = answer[field_name][0].astype(np.float32)
+        if not native:
+            disp = geometry.field_to_fixed_grid(disp, fixed_place, moving_place)
+        if "displacement" in outputs:
+            result.displacement = _like(_channels_last(disp), fixed)
+        if field_format == "itk":
+            result.displacement_itk = geometry.itk_image(disp, fixed.affine, fixed.header)
+        if "inverse_displacement" in outputs:
+            inverse = answer["inverse_displacement"][0]
+            if not native:
+                inverse = geometry.field_to_fixed_grid(inverse, moving_place, fixed_place)
+            result.inverse_displacement = _like(_channels_last(inverse), moving)
+        for name, source in (("warped", moving), ("warped_labels", labels)):
+            if name in outputs:
+                if native:
+                    data = answer[name][0, 0]
+                else:
+                    data = geometry.warp_to_fixed(source.data, disp, fixed_place, moving_place,
+                                                  labels=name == "warped_labels")
+                if name == "warped_labels":
+                    data = data.astype(labels.data.dtype if np.issubdtype(labels.data.dtype, np.integer) else np.int32)
+                result.__setattr__(name, _like(np.ascontiguousarray(data), fixed))
+        if "qc" in outputs:
+            result.qc = json.loads(answer["qc"].reshape(-1)[0])
+        result.seconds["total"] = time.perf_counter() - start
+        return result
