@@ -16,16 +16,17 @@ def _bench(args: argparse.Namespace) -> int:
         from lumireg.benchmarks import accuracy
 
         return accuracy.run(args)
-    if not args.kernels:
-        print(
-            "lumireg bench: the service benchmark is not available in this version yet; use "
-            "`lumireg bench --kernels` (kernel micro-benchmark) or `lumireg bench --accuracy`.",
-            file=sys.stderr,
-        )
-        return 2
-    from lumireg.benchmarks import kernels
+    if args.kernels:
+        from lumireg.benchmarks import kernels
 
-    return kernels.run(args)
+        return kernels.run(args)
+    if args.load:
+        from lumireg.benchmarks import load
+
+        return load.run(args)
+    from lumireg.benchmarks import service
+
+    return service.run(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -98,20 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels (--kernels) and, later, the service")
+    bench = sub.add_parser("bench", help="benchmarks: the service (default), --load, --kernels, --accuracy",
+                           description="Without a mode flag: latency and throughput of the service across batch sizes, "
+                                       "concurrency and transports, against --url or the embedded server.")
     bench.add_argument("--kernels", action="store_true", help="time the kernels against the PyTorch reference paths")
     bench.add_argument("--accuracy", action="store_true",
                        help="Dice/HD95/NDV of lumireg vs no registration and ANTs SyN on held-out synthetic pairs")
+    bench.add_argument("--load", action="store_true", help="open-loop load test at --rate for --duration")
+    bench.add_argument("--url", help="service/load: the server's gRPC host:port (default: start the embedded server)")
+    bench.add_argument("--metrics-url", help="service/load: its Prometheus endpoint (default: http://HOST:8002/metrics)")
+    bench.add_argument("--concurrency", help="service: client concurrencies (default: 1,2,4,8)")
+    bench.add_argument("--requests", type=int, help="service: timed requests per run (GPU: 50; CPU: 4)")
+    bench.add_argument("--rate", type=float, default=1.0, help="load: requests per second (default: 1)")
+    bench.add_argument("--duration", type=float, default=30.0, help="load: seconds of sending (default: 30)")
+    bench.add_argument("--outputs", default="displacement_fp16", help="load: outputs each request asks for")
+    bench.add_argument("--bad-request-every", type=int,
+                       help="load: make every N-th request invalid (checks that failures are seen and counted)")
     bench.add_argument("--pairs", type=int, default=20, help="--accuracy: held-out pairs (default: 20)")
     bench.add_argument("--methods", default="none,syn,lumireg", help="--accuracy: methods (default: none,syn,lumireg)")
     bench.add_argument("--checkpoint", help="--accuracy: weights to score (default: the bundled weights)")
-    # defaults depend on the device: full LUMIR size on a GPU, half of it on a CPU (see lumireg.benchmarks.kernels)
-    bench.add_argument("--shape", help="volume size D,H,W in voxels (GPU: 160,224,192; CPU: 80,112,96)")
-    bench.add_argument("--batch-sizes", help="comma-separated batch sizes (GPU: 1,4; CPU: 1)")
-    bench.add_argument("--warmup", type=int, help="untimed calls before timing (GPU: 3; CPU: 1)")
-    bench.add_argument("--repeats", type=int, help="timed calls; the median is reported (GPU: 10; CPU: 3)")
-    bench.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
-    bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON results (a sub-folder per device)")
+    # defaults depend on the mode and the device (see each benchmark's DEFAULTS)
+    bench.add_argument("--shape", help="--kernels: volume size D,H,W in voxels (GPU: 160,224,192; CPU: 80,112,96)")
+    bench.add_argument("--batch-sizes", help="comma-separated batch sizes (service: 1,2,4,8; kernels GPU: 1,4, CPU: 1)")
+    bench.add_argument("--warmup", type=int, help="untimed calls before timing (service GPU 5, CPU 1; kernels GPU 3, CPU 1)")
+    bench.add_argument("--repeats", type=int, help="--kernels: timed calls; the median is reported (GPU: 10; CPU: 3)")
+    bench.add_argument("--device", default="auto", help="--kernels: cuda, cpu or auto (cuda when available)")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for the results (a sub-folder per device)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -5,9 +5,10 @@ backend, so the network runs here: in ONNX Runtime on a CPU instance; on a
 GPU instance in ONNX Runtime's CUDA execution provider when onnxruntime-gpu
 is installed in place of onnxruntime, else in PyTorch on CUDA from the
 checkpoint that ``lumireg export`` copies beside the ONNX file (the same
-weights; the export's parity check ties the two). In the production image Triton's own ``onnxruntime_onnx``
-or ``tensorrt_plan`` backend takes this model's place with the same inputs
-and outputs (:mod:`lumireg.export.repository`).
+weights; the export's parity check ties the two): see
+:func:`lumireg.service.pipeline.network_runner`. In the production image
+Triton's own ``onnxruntime_onnx`` or ``tensorrt_plan`` backend takes this
+model's place with the same inputs and outputs (:mod:`lumireg.export.repository`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import onnxruntime
-import torch
 import triton_python_backend_utils as pb_utils
 
-from lumireg.export.onnx import INPUTS, OUTPUT, VelocityGraph, onnxruntime_session
-from lumireg.export.repository import CHECKPOINT_COPY
-from lumireg.network.checkpoint import load_model
+from lumireg.export.onnx import INPUTS, OUTPUT
 from lumireg.service.backend import error_response, input_tensor, instance_device, output_tensor
+from lumireg.service.pipeline import network_runner
 
 
 class TritonPythonModel:
@@ -34,25 +31,14 @@ class TritonPythonModel:
         if not path.is_file():
             raise pb_utils.TritonModelException(f"{path} is missing: run `lumireg export` to write the network")
         self.device = instance_device(args)
-        self.session = self.torch_graph = None
-        if self.device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            self.torch_graph = VelocityGraph(load_model(path.parent / CHECKPOINT_COPY)).to(self.device)
-        else:
-            self.session = onnxruntime_session(path, self.device.type, self.device.index or 0)
-
-    def _velocity(self, request):
-        if self.torch_graph is not None:
-            with torch.no_grad():
-                return self.torch_graph(*(input_tensor(request, name, self.device) for name in INPUTS))
-        feed = {name: np.ascontiguousarray(input_tensor(request, name, torch.device("cpu")).numpy()) for name in INPUTS}
-        return self.session.run([OUTPUT], feed)[0]
+        self.network = network_runner(path, self.device)
 
     def execute(self, requests) -> list:
         responses = []
         for request in requests:
             try:
-                velocity = output_tensor(OUTPUT, self._velocity(request))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[velocity]))
+                velocity = self.network(*(input_tensor(request, name, self.device) for name in INPUTS))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor(OUTPUT, velocity)]))
             except Exception as exc:  # an error answers this request; the model stays up for the next
                 responses.append(error_response(f"lumireg_network: {exc}"))
         return responses

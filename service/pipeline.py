@@ -17,6 +17,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,22 +131,54 @@ def postprocess(velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tenso
     return out
 
 
+def network_runner(onnx_path: str | Path, device: torch.device):
+    """The network as the embedded server's ``lumireg_network`` runs it: ``(fixed, moving) -> velocity``.
+
+    Takes ``uint8 (B, 1, D, H, W)`` tensors on any device, returns the float32
+    velocity on ``device``. ONNX Runtime on a CPU, and on a GPU when
+    onnxruntime-gpu is installed; otherwise on a GPU, PyTorch with the
+    checkpoint that ``lumireg export`` copied beside the ONNX file.
+    """
+    import onnxruntime
+
+    from lumireg.export.onnx import OUTPUT, VelocityGraph, onnxruntime_session
+    from lumireg.export.repository import CHECKPOINT_COPY
+    from lumireg.network.checkpoint import load_model
+
+    onnx_path = Path(onnx_path)
+    if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        graph = VelocityGraph(load_model(onnx_path.parent / CHECKPOINT_COPY)).to(device)
+
+        def run_torch(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return graph(fixed.to(device), moving.to(device))
+
+        return run_torch
+    session = onnxruntime_session(onnx_path, device.type, device.index or 0)
+
+    def run_onnxruntime(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        feed = {"fixed": fixed.cpu().contiguous().numpy(), "moving": moving.cpu().contiguous().numpy()}
+        return torch.from_numpy(session.run([OUTPUT], feed)[0]).to(device)
+
+    return run_onnxruntime
+
+
 def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, *,
                         moving_labels: np.ndarray | None = None, device: str = "cpu", steps: int = 7,
                         model: str = "lumireg", timer: StageTimer | None = None) -> dict:
     """The service's computation without the service: numpy in, :func:`postprocess`'s dict out.
 
     Args:
-        network: ``(fixed_u8, moving_u8) -> velocity`` on numpy arrays (e.g.
-            :func:`lumireg.export.onnx.onnxruntime_runner`).
+        network: ``(fixed, moving) -> velocity`` on uint8 tensors (:func:`network_runner`).
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
         device: where the post-processing runs.
     """
     timer = timer or StageTimer()
     target = torch.device(device)
-    with timer.stage("network", target):
-        velocity = torch.as_tensor(np.asarray(network(fixed, moving)), device=target)
     as_tensor = (lambda a: None if a is None else torch.as_tensor(a, device=target))
-    return postprocess(velocity, as_tensor(fixed), as_tensor(moving), wanted, moving_labels=as_tensor(moving_labels),
+    fixed, moving = as_tensor(fixed), as_tensor(moving)
+    with timer.stage("network", target):
+        velocity = network(fixed, moving).to(target)
+    return postprocess(velocity, fixed, moving, wanted, moving_labels=as_tensor(moving_labels),
                        steps=steps, model=model, timer=timer)
