@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lumireg.kernels as kernels
-from lumireg.benchmarks.machine import cpu_model, git_commit, package_version, slug
+from lumireg.benchmarks.machine import cpu_model, device_name, git_commit, package_version, slug
 from lumireg.kernels._dispatch import use_triton
 
 OPS = ("warp", "integrate", "local_ncc")
@@ -253,7 +253,7 @@ def run(args) -> int:
               f"--warmup >= 0; got {args.shape!r}, {args.batch_sizes!r}, {args.repeats}, {args.warmup}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
-    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu {cpu_model()}"
+    device_label = device_name(cuda)
     if not cuda:
         print("CPU run: 'ours' is each op's PyTorch twin (path torch-twin); the Triton kernels need a GPU.")
 
@@ -278,11 +278,11 @@ def run(args) -> int:
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
-    print(f"\n{device_name}, {'x'.join(map(str, shape))} voxels, float32, median of {args.repeats} "
+    print(f"\n{device_label}, {'x'.join(map(str, shape))} voxels, float32, median of {args.repeats} "
           f"after {args.warmup} warm-up; speed-up = ref ms / ours ms")
     _print_table(rows, cuda)
     result = {
-        "device": device_name,
+        "device": device_label,
         "cpu": cpu_model(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -299,7 +299,7 @@ def run(args) -> int:
         "units": {"*_ms": "milliseconds, median", "shape": "voxels", "ours_TBps": "1e12 bytes/s of the fewest bytes"},
         "rows": rows,
     }
-    path = Path(args.out) / slug(device_name) / "kernels.json"
+    path = Path(args.out) / slug(device_label) / "kernels.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")

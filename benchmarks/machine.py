@@ -41,3 +41,19 @@ def package_version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def device_name(cuda: bool | None = None) -> str:
+    """What a benchmark ran on: the GPU's name (``cuda``; None: whether torch sees one), else ``"cpu <model>"``."""
+    if cuda is None:
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        except ImportError:
+            cuda = False
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"cpu {cpu_model()}"

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lumireg.benchmarks.machine import cpu_model, git_commit, package_version, slug
+from lumireg.benchmarks.machine import cpu_model, device_name, git_commit, package_version, slug
 from lumireg.benchmarks.serving import latency_summary, sample_batch, scrape, server_breakdown, target
 from lumireg.client.transport import OUTPUT_TYPES, output_nbytes
 
@@ -156,8 +156,8 @@ def run(args) -> int:
     except (TypeError, ValueError) as exc:
         print(f"lumireg bench: {exc}", file=sys.stderr)
         return 2
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu {cpu_model()}"
-    out_dir = Path(args.out) / slug(device_name)
+    name = device_name(device == "cuda")
+    out_dir = Path(args.out) / slug(name)
     images = sample_batch(max(batches))
     plan = [("batch", "shm", ("displacement_fp16",), b, 1) for b in batches]
     plan += [("concurrency", "shm", ("displacement_fp16",), 1, c) for c in concurrencies]
@@ -165,7 +165,7 @@ def run(args) -> int:
     rows = []
     try:
         with target(args.url, args.metrics_url, out_dir) as (url, metrics_url, what):
-            print(f"service benchmark on {device_name}, {what}")
+            print(f"service benchmark on {name}, {what}")
             for kind, transport, outputs, batch, concurrency in (bar := tqdm(plan, desc="service", unit="run")):
                 bar.set_postfix_str(f"{kind} {transport} B={batch} C={concurrency}")
                 requests = max(args.requests, 2 * concurrency) if kind == "concurrency" else args.requests
@@ -175,19 +175,19 @@ def run(args) -> int:
     except Exception as exc:
         print(f"lumireg bench: the service benchmark failed: {exc}", file=sys.stderr)
         return 1
-    report = _report(rows, args, device_name, what)
+    report = _report(rows, args, name, what)
     _write(report, out_dir)
     _print(report)
     return 0
 
 
-def _report(rows: list[dict], args, device_name: str, what: str) -> dict:
+def _report(rows: list[dict], args, device: str, what: str) -> dict:
     shm_b1 = next(r for r in rows if r["kind"] == "batch" and r["batch"] == 1)
     local = next(r for r in rows if r["kind"] == "in-process")
     return {
         "benchmark": "service",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name, "cpu": cpu_model(), "target": what, "commit": git_commit(),
+        "device": device, "cpu": cpu_model(), "target": what, "commit": git_commit(),
         "versions": {p: package_version(p) for p in ("lumireg", "torch", "onnxruntime", "tritonclient",
                                                       "nvidia-pytriton")},
         "settings": {"requests": args.requests, "warmup": args.warmup, "pair": "held-out synthetic, 160x224x192 uint8"},
