@@ -11,7 +11,12 @@
 #      alone over what is there and pip-install only what is missing;
 #   2. record the environment (nvidia-smi, versions, commit); stop if torch sees no GPU;
 #   3. python -m pytest tests/kernels -q  (tests/conftest.py puts the Triton kernels on CUDA);
-#   4. lumireg bench --kernels at LUMIR's full size (extra options: BENCH_ARGS="--repeats 20").
+#   4. lumireg bench --kernels at LUMIR's full size (extra options: BENCH_ARGS="--repeats 20");
+#   5. the GPU serving path: the embedded server's tests (models on the GPU, post-processing in the
+#      Triton kernels on CUDA tensors), the client's tests, and `make serve`'s export;
+#   6. lumireg bench (the service sweep, B=1..8, C=1..8) and a 60 s load test at 20 requests/s.
+# Steps 5-6 need nvidia-pytriton (and onnx, onnxruntime, tritonclient, nibabel, scipy, prometheus-client);
+# on a machine without a registry, put their wheels in ./wheels and carry that folder.
 # Logs and the benchmark JSON go to $OUT when set (the device tool fetches it),
 # else to a fresh folder under /tmp; the JSON also lands in benchmarks/results/<device>/.
 # Exit status: 0 if every step passed, else 1.
@@ -28,6 +33,7 @@ step() { echo; echo "=== $* ==="; }
 step "1. install" | tee "$LOGS/install.log"
 {
     # short network timeouts: the lent machines reach no registry, so fail fast there
+    if [ -d wheels ]; then "$PY" -m pip install --no-index --find-links wheels wheels/*.whl || true; fi
     "$PY" -m pip install --timeout 10 --retries 0 -e '.[server,test]' || {
         echo "full install failed; installing lumireg alone over the packages already here"
         "$PY" -m pip install --no-deps --no-build-isolation --ignore-requires-python -e . || true
@@ -62,6 +68,21 @@ step "4. kernel benchmark, full size" | tee "$LOGS/bench.log"
 json=$(sed -n 's/^wrote //p' "$LOGS/bench.log" | tail -n 1)
 if [ -n "${OUT:-}" ] && [ -f "$json" ]; then
     cp "$json" "$OUT/kernels-$(basename "$(dirname "$json")").json"
+fi
+
+step "5. GPU serving path: embedded server and client tests" | tee "$LOGS/serving.log"
+if "$PY" -c 'import pytriton, onnxruntime, tritonclient.grpc, nibabel, prometheus_client' 2>>"$LOGS/serving.log"; then
+    "$PY" -m lumireg export 2>&1 | tee -a "$LOGS/serving.log" || status=1
+    "$PY" -m pytest tests/service tests/client tests/export tests/benchmarks -q 2>&1 | tee -a "$LOGS/serving.log" || status=1
+
+    step "6. service benchmark and load test" | tee "$LOGS/service-bench.log"
+    "$PY" -m lumireg bench --out benchmarks/results 2>&1 | tee -a "$LOGS/service-bench.log" || status=1
+    "$PY" -m lumireg bench --load --rate 20 --duration 60 --out benchmarks/results 2>&1 \
+        | tee -a "$LOGS/service-bench.log" || status=1
+    if [ -n "${OUT:-}" ]; then cp -r benchmarks/results "$OUT/results" 2>/dev/null || true; fi
+else
+    echo "skipped: the serving stack does not import here (carry its wheels in ./wheels)" | tee -a "$LOGS/serving.log"
+    status=1
 fi
 
 step "done: $([ $status = 0 ] && echo all steps passed || echo SOME STEP FAILED), logs in $LOGS"

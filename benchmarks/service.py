@@ -223,8 +223,7 @@ def _plot(report: dict, path: Path) -> None:
     batch = [r for r in runs if r["kind"] == "batch"]
     for q in ("p50", "p90", "p99"):
         ax1.plot([r["batch"] for r in batch], [r[f"{q}_ms"] / r["batch"] for r in batch], "o-", label=q)
-    ax1.set(xlabel="batch size (pairs per request)", ylabel="latency per pair (ms)", title="latency vs batch size",
-            xscale="log", xticks=[r["batch"] for r in batch], xticklabels=[r["batch"] for r in batch])
+    ax1.set(xlabel="batch size (pairs per request)", ylabel="latency per pair (ms)", title="latency vs batch size")
     ax1.legend()
     conc = [r for r in runs if r["kind"] == "concurrency"]
     ax2.plot([r["concurrency"] for r in conc], [r["pairs_per_s"] for r in conc], "o-", label="measured")
@@ -232,11 +231,15 @@ def _plot(report: dict, path: Path) -> None:
         ideal = conc[0]["pairs_per_s"]
         ax2.plot([r["concurrency"] for r in conc], [ideal * r["concurrency"] for r in conc], "--", c="grey",
                  label="linear from C=1")
-    ax2.set(xlabel="client concurrency (batch 1)", ylabel="pairs / s", title="throughput vs concurrency",
-            xscale="log", xticks=[r["concurrency"] for r in conc], xticklabels=[r["concurrency"] for r in conc])
+    ax2.set(xlabel="client concurrency (batch 1)", ylabel="pairs / s", title="throughput vs concurrency")
+    for axis, values in ((ax1, [r["batch"] for r in batch]), (ax2, [r["concurrency"] for r in conc])):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(values, [str(v) for v in values])
+        axis.minorticks_off()
     ax2.legend()
     variants = [r for r in runs if r["kind"] in ("variant", "in-process")]
-    labels = [f"{r['transport']}\n{r['outputs'].replace('displacement', 'disp').replace('+', ' + ')}" for r in variants]
+    short = {"displacement_fp16": "fp16", "displacement": "fp32", "warped": "warped", "qc": "QC"}
+    labels = [f"{r['transport']}\n" + "+".join(short[o] for o in r["outputs"].split("+")) for r in variants]
     bottom = np.zeros(len(variants))
     for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
         values = np.array([(r["server"] or {}).get(f"{stage}_ms", 0.0) for r in variants])
