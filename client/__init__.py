@@ -8,10 +8,13 @@ with RegistrationClient("localhost:8001") as client:
 ```
 """
 
-from lumireg.client.registration import (  # noqa: F401
-    InputError,
-    LumiregError,
-    RegistrationClient,
-    RegistrationResult,
-    ServerUnavailable,
-)
+__all__ = ["InputError", "LumiregError", "RegistrationClient", "RegistrationResult", "ServerUnavailable"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so `lumireg --help` and `lumireg.client.command` stay light
+    if name in __all__:
+        from lumireg.client import registration
+
+        return getattr(registration, name)
+    raise AttributeError(f"module 'lumireg.client' has no attribute {name!r}")

@@ -24,8 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
-
 DEFAULT_OUTPUTS = "displacement,warped,qc"
 
 
@@ -72,6 +70,7 @@ def _stem(name: str) -> str:
 
 def _save_submission(result, target: Path, fp16: bool) -> None:
     import nibabel as nib
+    import numpy as np
 
     partial = target.with_name(f".partial-{target.name}")
     field = result.displacement

@@ -196,7 +196,9 @@ class RegistrationClient:
                 if "DEADLINE_EXCEEDED" in status:
                     raise LumiregError(f"the server at {self.url} did not answer within {self.timeout:g} s") from exc
                 lost_region = "shared memory region" in message and reset is False
-                if "UNAVAILABLE" not in status and not lost_region:
+                # a server stopping or starting: its models are unloaded ("no available versions") or not ready
+                restarting = any(words in message for words in ("has no available versions", "is not ready"))
+                if "UNAVAILABLE" not in status and not lost_region and not restarting:
                     raise LumiregError(f"the server refused the request: {message}") from exc
                 if time.monotonic() + delay > deadline:
                     raise ServerUnavailable(f"no lumireg server answered at {self.url} "
