@@ -207,21 +207,53 @@ def _det3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return a[0] * (b[1] * c[2] - b[2] * c[1]) - b[0] * (a[1] * c[2] - a[2] * c[1]) + c[0] * (a[1] * b[2] - a[2] * b[1])
 
 
+def _is_torch(array) -> bool:
+    return type(array).__module__.split(".")[0] == "torch"
+
+
+def _index_grid(shape, like) -> np.ndarray:
+    """``[3, *shape]`` float64 voxel indices, a numpy array or (for a torch ``like``) a tensor on its device."""
+    if _is_torch(like):
+        import torch  # only when torch tensors come in: the metrics need numpy alone
+
+        axes = [torch.arange(n, dtype=torch.float64, device=like.device) for n in shape]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return np.indices(shape, dtype=np.float64)
+
+
+def _ones(shape, like) -> np.ndarray:
+    """An all-True boolean array of ``shape``, numpy or (for a torch ``like``) a tensor on its device."""
+    if _is_torch(like):
+        import torch
+
+        return torch.ones(shape, dtype=torch.bool, device=like.device)
+    return np.ones(shape, bool)
+
+
 def _transform(disp: np.ndarray, start: int = 0) -> np.ndarray:
     """``[3, d, H, W]`` float64 ``T = disp + x`` for the slab of rows from ``start`` on.
 
     The global row index goes into the grid before the one addition, so every
     value equals the official's ``disp + grid`` bit for bit.
     """
-    grid = np.indices(disp.shape[:3], dtype=np.float64)
+    grid = _index_grid(disp.shape[:3], disp)
     grid[0] += start
-    return np.moveaxis(disp, -1, 0) + grid
+    channels_first = disp.permute(3, 0, 1, 2) if _is_torch(disp) else np.moveaxis(disp, -1, 0)
+    return channels_first + grid
+
+
+def _diff(x: np.ndarray, axis: int) -> np.ndarray:
+    """``np.diff(x, axis=axis)`` by slicing (the same subtraction), for numpy arrays and torch tensors alike."""
+    head = [slice(None)] * x.ndim
+    tail = [slice(None)] * x.ndim
+    head[axis], tail[axis] = slice(1, None), slice(None, -1)
+    return x[tuple(head)] - x[tuple(tail)]
 
 
 def _jacobians(trans: np.ndarray):
     """The 10 determinants at the interior voxels of ``trans`` (see :func:`digital_jacobians`)."""
     shape = trans.shape[1:]
-    steps = [np.diff(trans, axis=1 + a) for a in range(3)]  # T(q + e_a) - T(q)
+    steps = [_diff(trans, 1 + a) for a in range(3)]  # T(q + e_a) - T(q)
 
     def step(a: int, sign: int) -> np.ndarray:  # forward (+1) or backward (-1) difference at every interior p
         return steps[a][(slice(None),) + tuple(
@@ -277,10 +309,12 @@ def ndv_percent(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
     whose 10 tetrahedra are all inverted (e.g. one axis mirrored) counts 1.
     The sum over the mask is divided by the number of mask voxels, times 100.
     Computed in slabs along axis 0, so the temporaries stay in cache.
+    numpy arrays, or torch tensors (computed on their device, float64; the
+    QC report of the service uses that).
 
     Args:
         disp: ``[D, H, W, 3]`` displacement in voxels, D, H, W >= 3.
-        mask: ``[D, H, W]`` on the same grid, nonzero = counted (the official
+        mask: ``[D, H, W]`` on the same grid (same array type), nonzero = counted (the official
             evaluator uses the *moving* image's nonzero voxels); its one-voxel
             border is dropped like the Jacobians'. Default: every voxel.
 
@@ -288,25 +322,30 @@ def ndv_percent(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
         NDV in percent (float); NaN for an empty mask.
     """
     depth = _check_disp(disp).shape[0]
-    inside = np.ones([n - 2 for n in disp.shape[:3]], bool)
-    if mask is not None:
-        if np.shape(mask) != disp.shape[:3]:
-            raise ValueError(f"mask shape {np.shape(mask)} does not match the field's grid {disp.shape[:3]}")
-        inside = np.asarray(mask)[1:-1, 1:-1, 1:-1] > 0
+    interior = [n - 2 for n in disp.shape[:3]]
+    if mask is None:
+        inside = _ones(interior, disp)
+    else:
+        mask = mask if _is_torch(mask) else np.asarray(mask)
+        if tuple(mask.shape) != tuple(disp.shape[:3]):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the field's grid {tuple(disp.shape[:3])}")
+        inside = mask[1:-1, 1:-1, 1:-1] > 0
     volume = 0.0
     for start in range(0, depth - 2, _SLAB):  # interior rows start+1 ... start+_SLAB
         stop = min(start + _SLAB, depth - 2)
-        folded = sum(np.maximum(-j, 0.0) for j in _jacobians(_transform(disp[start:stop + 2], start)))
-        volume += folded[inside[start:stop]].sum()
+        folded = sum((-j).clip(min=0.0) for j in _jacobians(_transform(disp[start:stop + 2], start)))
+        volume += float(folded[inside[start:stop]].sum())
     volume *= 0.5 / 6
-    return float(volume / inside.sum() * 100) if inside.any() else float("nan")
+    count = int(inside.sum())
+    return float(volume / count * 100) if count else float("nan")
 
 
 def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     """Jacobian determinant of ``T(x) = x + disp[x]`` by central differences.
 
     ``det(I + grad disp)`` with ``np.gradient`` (central differences inside,
-    one-sided on the border), float64.
+    one-sided on the border), float64; torch tensors with ``torch.gradient``
+    (the same differences) on their device.
 
     Args:
         disp: ``[D, H, W, 3]`` displacement in voxels.
@@ -314,9 +353,17 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     Returns:
         ``[D, H, W]`` float64; 1 for a translation, <= 0 where it folds.
     """
-    disp = _check_disp(disp).astype(np.float64)
+    disp = _check_disp(disp)
+    if _is_torch(disp):
+        import torch
+
+        disp = disp.double()
+        gradient = (lambda x, a: torch.gradient(x, dim=a)[0])  # noqa: E731
+    else:
+        disp = disp.astype(np.float64)
+        gradient = (lambda x, a: np.gradient(x, axis=a))  # noqa: E731
     # row a: d(x + disp)/d x_a, the official's layout
-    return _det3(*[[np.gradient(disp[..., c], axis=a) + (c == a) for c in range(3)] for a in range(3)])
+    return _det3(*[[gradient(disp[..., c], a) + (c == a) for c in range(3)] for a in range(3)])
 
 
 def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lumireg import __version__
-from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
+from lumireg.evaluate.metrics import jacobian_determinant, ndv_percent
 from lumireg.kernels import local_ncc, warp
 from lumireg.network.model import velocity_to_displacement
 from lumireg.service.contract import OUTPUT_NAMES
@@ -62,22 +62,20 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
         displacement: ``(B, 3, D, H, W)`` voxels.
         model: the name of the weights, reported as is.
     """
-    fields = displacement.float().cpu().numpy()
-    masks = moving[:, 0].cpu().numpy()
+    def folding() -> list[tuple[float, float]]:  # on the field's device; the metrics take [D, H, W, 3]
+        fields = [field.permute(1, 2, 3, 0) for field in displacement]
+        return [(ndv_percent(field, mask), float(jacobian_determinant(field).min()))
+                for field, mask in zip(fields, moving[:, 0])]
 
-    def geometry() -> list[tuple[float, float]]:
-        return [(ndv_percent(as_channels_last(field), mask), float(jacobian_determinant(as_channels_last(field)).min()))
-                for field, mask in zip(fields, masks)]
-
-    # numpy's determinants (one thread) run beside torch's NCC (all threads): ~40 % less wall time on 2 cores
+    # beside the NCCs: ~10 % less wall time on 2 CPU cores (measured: 3.3 s against 3.7 s per LUMIR pair)
     with ThreadPoolExecutor(1) as pool:
-        folding = pool.submit(geometry)
+        geometry = pool.submit(folding)
         # on 0..1 intensities, as the training loss, so the 1e-5 guard of flat regions means the same
         ncc_before = local_ncc(fixed.float() / 255, moving.float() / 255, NCC_WINDOW).tolist()
         ncc_after = local_ncc(fixed.float() / 255, warped.float() / 255, NCC_WINDOW).tolist()
-        folding = folding.result()
+        geometry = geometry.result()
     reports = []
-    for (ndv, jacobian_min), before, after in zip(folding, ncc_before, ncc_after):
+    for (ndv, jacobian_min), before, after in zip(geometry, ncc_before, ncc_after):
         reports.append({"ndv_percent": ndv, "ncc_before": before, "ncc_after": after, "jacobian_min": jacobian_min,
                         "model": model, "version": __version__})
     return reports

@@ -230,3 +230,21 @@ def test_ndv_slabs_cover_every_row_once(np_rng):
     disp = np.stack([ndimage.gaussian_filter(np_rng.normal(size=size), 1.0) for _ in range(3)], -1) * 6
     folded = sum(np.maximum(-j, 0) for j in loop_jacobians(disp)).sum() * 0.5 / 6
     assert metrics.ndv_percent(disp) == pytest.approx(folded / np.prod([n - 2 for n in size]) * 100, rel=1e-10)
+
+
+def test_torch_tensors_give_the_numpy_values_on_their_device(np_rng, triton_device):
+    """The service's QC runs these metrics on the field's device; they must equal the evaluator's numpy values."""
+    import torch
+
+    size = (21, 8, 9)  # more than one NDV slab
+    disp = np.stack([ndimage.gaussian_filter(np_rng.normal(size=size), 1.0) for _ in range(3)], -1) * 6
+    mask = np_rng.random(size) > 0.3
+    as_tensor = (lambda a: torch.from_numpy(a).to(triton_device))  # noqa: E731
+    expected = metrics.ndv_percent(disp, mask)
+    assert expected > 0
+    assert metrics.ndv_percent(as_tensor(disp), as_tensor(mask)) == pytest.approx(expected, rel=1e-12)
+    assert metrics.ndv_percent(as_tensor(disp)) == pytest.approx(metrics.ndv_percent(disp), rel=1e-12)
+    jacobian = metrics.jacobian_determinant(as_tensor(disp.astype(np.float32)))
+    assert jacobian.device.type == torch.device(triton_device).type and jacobian.dtype == torch.float64
+    np.testing.assert_allclose(jacobian.cpu().numpy(), metrics.jacobian_determinant(disp.astype(np.float32)),
+                               rtol=1e-12, atol=1e-12)
