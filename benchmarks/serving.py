@@ -52,7 +52,8 @@ def scrape(metrics_url: str) -> dict[tuple, float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def _total(samples: dict, name: str, **labels) -> float:
+def total(samples: dict, name: str, **labels) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(value for (sample, items), value in samples.items()
                if sample == name and all(dict(items).get(k) == v for k, v in labels.items()))
 
@@ -65,7 +66,7 @@ def server_breakdown(before: dict, after: dict, model: str = "lumireg") -> dict:
     {stage: ms per request}}``; zeros when no request succeeded.
     """
     def delta(name: str, **labels) -> float:
-        return _total(after, name, **labels) - _total(before, name, **labels)
+        return total(after, name, **labels) - total(before, name, **labels)
 
     requests = delta("nv_inference_request_success_total", model=model)
     per = (lambda value: value / requests) if requests else (lambda value: 0.0)

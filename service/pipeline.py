@@ -71,8 +71,9 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
     with ThreadPoolExecutor(1) as pool:
         geometry = pool.submit(folding)
         # on 0..1 intensities, as the training loss, so the 1e-5 guard of flat regions means the same
-        ncc_before = local_ncc(fixed.float() / 255, moving.float() / 255, NCC_WINDOW).tolist()
-        ncc_after = local_ncc(fixed.float() / 255, warped.float() / 255, NCC_WINDOW).tolist()
+        reference = fixed.float() / 255
+        ncc_before = local_ncc(reference, moving.float() / 255, NCC_WINDOW).tolist()
+        ncc_after = local_ncc(reference, warped.float() / 255, NCC_WINDOW).tolist()
         geometry = geometry.result()
     reports = []
     for (ndv, jacobian_min), before, after in zip(geometry, ncc_before, ncc_after):
@@ -139,7 +140,7 @@ def network_runner(onnx_path: str | Path, device: torch.device):
     """
     import onnxruntime
 
-    from lumireg.export.onnx import OUTPUT, VelocityGraph, onnxruntime_session
+    from lumireg.export.onnx import VelocityGraph, onnxruntime_runner, onnxruntime_session
     from lumireg.export.repository import CHECKPOINT_COPY
     from lumireg.network.checkpoint import load_model
 
@@ -152,11 +153,10 @@ def network_runner(onnx_path: str | Path, device: torch.device):
                 return graph(fixed.to(device), moving.to(device))
 
         return run_torch
-    session = onnxruntime_session(onnx_path, device.type, device.index or 0)
+    run = onnxruntime_runner(onnxruntime_session(onnx_path, device.type, device.index or 0))
 
     def run_onnxruntime(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        feed = {"fixed": fixed.cpu().contiguous().numpy(), "moving": moving.cpu().contiguous().numpy()}
-        return torch.from_numpy(session.run([OUTPUT], feed)[0]).to(device)
+        return torch.from_numpy(run(fixed.cpu().contiguous().numpy(), moving.cpu().contiguous().numpy())).to(device)
 
     return run_onnxruntime
 

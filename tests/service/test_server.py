@@ -1,15 +1,14 @@
 """The served model against the in-process computation, on the real embedded server (gRPC)."""
 
 import json
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from lumireg.benchmarks.serving import scrape, total
 from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
 from lumireg.kernels import warp
 from lumireg.service.contract import OUTPUT_NAMES
@@ -137,24 +136,10 @@ def test_bad_request_gets_a_clear_error_and_the_server_stays_ready(client, serve
     assert small.as_numpy("displacement_fp16").shape == (1, 3, 160, 224, 192)
 
 
-def scrape(server) -> dict:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, lab), v in samples.items() if n == name and all(dict(lab).get(k) == x for k, x in labels.items()))
-
-
 def test_metrics_hold_triton_and_lumireg_families(client, server, pair):
-    before = scrape(server)
+    before = scrape(server.metrics_url)
     infer(client, ["displacement", "qc"], fixed=pair["fixed"], moving=pair["moving"])
-    after = scrape(server)
+    after = scrape(server.metrics_url)
     assert total(after, "nv_inference_request_success_total", model="lumireg") == \
         total(before, "nv_inference_request_success_total", model="lumireg") + 1
     assert total(after, "lumireg_pairs_total") == total(before, "lumireg_pairs_total") + 1
