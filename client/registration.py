@@ -242,6 +242,11 @@ class RegistrationClient:
             if labels.data.shape != moving.data.shape:
                 raise InputError(f"moving_labels: shape {labels.data.shape} differs from the moving image's "
                                  f"{moving.data.shape}")
+            if not np.issubdtype(labels.data.dtype, np.integer):  # label maps are often stored as floats
+                if not np.array_equal(labels.data, np.round(labels.data)):
+                    raise InputError(f"moving_labels: values must be whole numbers (a label map), got "
+                                     f"{labels.data.dtype} with fractions")
+                labels.data = labels.data.astype(np.int32)
         (fixed_canvas, fixed_place), (moving_canvas, moving_place) = (_on_canvas(image, what) for image, what in
                                                                       ((fixed, "fixed"), (moving, "moving")))
         native = fixed_place.native and moving_place.native
@@ -277,8 +282,8 @@ class RegistrationClient:
                     data = geometry.warp_to_fixed(source.data, disp, fixed_place, moving_place,
                                                   labels=name == "warped_labels")
                 if name == "warped_labels":
-                    data = data.astype(labels.data.dtype if np.issubdtype(labels.data.dtype, np.integer) else np.int32)
-                result.__setattr__(name, _like(np.ascontiguousarray(data), fixed))
+                    data = data.astype(labels.data.dtype)
+                setattr(result, name, _like(np.ascontiguousarray(data), fixed))
         if "qc" in outputs:
             result.qc = json.loads(answer["qc"].reshape(-1)[0])
         result.seconds["total"] = time.perf_counter() - start

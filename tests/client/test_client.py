@@ -220,3 +220,19 @@ def test_shared_memory_regions_are_released_on_close(server, pair):
     assert len(regions() - before) == 2
     client.close()
     assert regions() == before
+
+
+def test_labels_stored_as_floats_are_warped_as_integers(shm_client, pair):
+    canvas = lumir_canvas()
+    image, affine = _reoriented_clinical_image(pair["moving"][0, 0], canvas.affine)
+    labels, _ = _reoriented_clinical_image(pair["moving_labels"][0, 0].astype(np.float32), canvas.affine)
+    labels = np.rint((labels - 100) / 3.7).astype(np.float32)  # a label map saved as float32, as many tools do
+    result = shm_client.register(image, image, ("warped_labels",), moving_labels=labels, fixed_affine=affine,
+                                 moving_affine=affine)
+    warped = np.asarray(result.warped_labels.dataobj)
+    assert warped.dtype == np.int32 and warped.shape == labels.shape
+    # an image registered to itself: the labels come back where they were, but for a few boundary voxels
+    assert np.mean(warped == labels) > 0.97
+    with pytest.raises(InputError, match="whole numbers"):
+        shm_client.register(image, image, ("warped_labels",), moving_labels=labels + 0.25, fixed_affine=affine,
+                            moving_affine=affine)
