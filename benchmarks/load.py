@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lumireg.benchmarks.machine import cpu_model, device_name, git_commit, package_version, slug
 from lumireg.benchmarks.serving import latency_summary, sample_batch, scrape, server_breakdown, target
+from lumireg.client.transport import payload_inputs
 from lumireg.service.contract import ENTRY_MODEL, OUTPUT_NAMES
 from lumireg.service.server import ServerError
 
@@ -57,15 +58,7 @@ def _check(args) -> list[str]:
 
 def _tensors(images: dict, bad: bool) -> list:
     """The pair as tritonclient inputs, made once and reused; ``bad``: ``fixed`` as float32 (the server refuses it)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    arrays = {**images, "fixed": images["fixed"].astype(np.float32)} if bad else images
-    tensors = [grpcclient.InferInput(name, list(arrays[name].shape), np_to_triton_dtype(arrays[name].dtype))
-               for name in ("fixed", "moving")]
-    for tensor in tensors:
-        tensor.set_data_from_numpy(np.ascontiguousarray(arrays[tensor.name()]))
-    return tensors
+    return payload_inputs({**images, "fixed": images["fixed"].astype(np.float32)} if bad else images)
 
 
 def send(url: str, rate: float, duration: float, outputs: list[str], bad_every: int | None) -> list[dict]:

@@ -37,6 +37,16 @@ def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
     return grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
 
 
+def payload_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Request inputs whose data ride in the gRPC message, from ``{name: array}`` (Triton type from the dtype)."""
+    tensors = []
+    for name, array in arrays.items():
+        tensor = _input(name, array)
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        tensors.append(tensor)
+    return tensors
+
+
 def output_nbytes(name: str, batch: int) -> int:
     """Bytes of fixed-size output ``name`` for ``batch`` pairs."""
     dtype, dims = OUTPUT_TYPES[name]
@@ -47,12 +57,7 @@ class GrpcTransport:
     """Tensors in the gRPC messages."""
 
     def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None) -> dict:
-        tensors = []
-        for name, array in inputs.items():
-            tensor = _input(name, array)
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
-            tensors.append(tensor)
-        result = client.infer(ENTRY_MODEL, tensors, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+        result = client.infer(ENTRY_MODEL, payload_inputs(inputs), outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
                               client_timeout=timeout)
         return {name: np.array(result.as_numpy(name)) for name in outputs}
 

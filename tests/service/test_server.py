@@ -9,24 +9,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from lumireg.benchmarks.serving import scrape, total
+from lumireg.client.transport import payload_inputs
 from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
 from lumireg.kernels import warp
 from lumireg.service.contract import OUTPUT_NAMES
 
-TYPES = {np.uint8: "UINT8", np.int32: "INT32", np.float32: "FP32"}
-
-
-def inputs(**arrays) -> list:
-    out = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), TYPES[array.dtype.type])
-        tensor.set_data_from_numpy(np.ascontiguousarray(array))
-        out.append(tensor)
-    return out
-
 
 def infer(client, outputs, **arrays):
-    return client.infer("lumireg", inputs(**arrays), outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+    requested = [grpcclient.InferRequestedOutput(o) for o in outputs]
+    return client.infer("lumireg", payload_inputs(arrays), outputs=requested)
 
 
 def returned(result) -> set:
@@ -81,7 +72,7 @@ def test_only_requested_outputs_come_back(client, pair):
 
 
 def test_no_outputs_named_gives_all_that_can_be_made(client, pair):
-    result = client.infer("lumireg", inputs(fixed=pair["fixed"], moving=pair["moving"]))
+    result = client.infer("lumireg", payload_inputs(dict(fixed=pair["fixed"], moving=pair["moving"])))
     assert returned(result) == set(OUTPUT_NAMES) - {"warped_labels"}
 
 
@@ -97,7 +88,7 @@ def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_proce
     results, pending = {}, []
     for name, (f, m) in {"forward": (pair["fixed"], pair["moving"]), "swapped": (pair["moving"], pair["fixed"])}.items():
         callback = lambda result, error, name=name: results.__setitem__(name, (result, error))  # noqa: E731
-        pending.append(client.async_infer("lumireg", inputs(fixed=f, moving=m), callback,
+        pending.append(client.async_infer("lumireg", payload_inputs(dict(fixed=f, moving=m)), callback,
                                           outputs=[grpcclient.InferRequestedOutput("displacement")]))
     import time
 
