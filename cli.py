@@ -11,24 +11,6 @@ import sys
 
 from lumireg import __version__
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.accuracy:
-        from lumireg.benchmarks import accuracy
-
-        return accuracy.run(args)
-    if args.kernels:
-        from lumireg.benchmarks import kernels
-
-        return kernels.run(args)
-    if args.load:
-        from lumireg.benchmarks import load
-
-        return load.run(args)
-    from lumireg.benchmarks import service
-
-    return service.run(args)
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from lumireg.evaluate import runner
 
@@ -40,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = TrainConfig(
-            data=args.data, steps=args.steps, batch_size=args.batch_size,
+            data=args.data, synthetic=args.synthetic, init=args.init, steps=args.steps, batch_size=args.batch_size,
             crop=tuple(int(c) for c in args.crop.split(",")), crops_per_pair=args.crops_per_pair, lr=args.lr, similarity=args.similarity,
             smooth_weight=args.smooth_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
             log_every=args.log_every, workers=args.workers, amp=not args.no_amp,
@@ -58,6 +40,10 @@ def _add_train(sub) -> None:
                            description="Unsupervised training (NCC or MI + smoothness); torchrun for several processes.")
     train.add_argument("--data", default="synthetic",
                        help="'synthetic' (pairs from the bundled MNI template) or a LUMIR dataset JSON (default: synthetic)")
+    train.add_argument("--synthetic", default="lumir", choices=("lumir", "broad"),
+                       help="synthetic pair distribution: lumir (one 16 mm scale) or broad (+ a coarse 48 mm scale, "
+                            "more contrasts) (default: lumir)")
+    train.add_argument("--init", help="a checkpoint whose weights start the run (fine-tuning; default: fresh weights)")
     train.add_argument("--out", default="runs/train", help="folder for checkpoints, log and loss plot (default: runs/train)")
     train.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (default: 2000)")
     train.add_argument("--batch-size", type=int, default=1, help="pairs per step and process (default: 1)")
@@ -99,33 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
 
-    bench = sub.add_parser("bench", help="benchmarks: the service (default), --load, --kernels, --accuracy",
-                           description="Without a mode flag: latency and throughput of the service across batch sizes, "
-                                       "concurrency and transports, against --url or the embedded server.")
-    bench.add_argument("--kernels", action="store_true", help="time the kernels against the PyTorch reference paths")
-    bench.add_argument("--accuracy", action="store_true",
-                       help="Dice/HD95/NDV of lumireg vs no registration and ANTs SyN on held-out synthetic pairs")
-    bench.add_argument("--load", action="store_true", help="open-loop load test at --rate for --duration")
-    bench.add_argument("--url", help="service/load: the server's gRPC host:port (default: start the embedded server)")
-    bench.add_argument("--metrics-url", help="service/load: its Prometheus endpoint (default: http://HOST:8002/metrics)")
-    bench.add_argument("--concurrency", help="service: client concurrencies (default: 1,2,4,8)")
-    bench.add_argument("--requests", type=int, help="service: timed requests per run (GPU: 50; CPU: 4)")
-    bench.add_argument("--rate", type=float, default=1.0, help="load: requests per second (default: 1)")
-    bench.add_argument("--duration", type=float, default=30.0, help="load: seconds of sending (default: 30)")
-    bench.add_argument("--outputs", default="displacement_fp16", help="load: outputs each request asks for")
-    bench.add_argument("--bad-request-every", type=int,
-                       help="load: make every N-th request invalid (checks that failures are seen and counted)")
-    bench.add_argument("--pairs", type=int, default=20, help="--accuracy: held-out pairs (default: 20)")
-    bench.add_argument("--methods", default="none,syn,lumireg", help="--accuracy: methods (default: none,syn,lumireg)")
-    bench.add_argument("--checkpoint", help="--accuracy: weights to score (default: the bundled weights)")
-    # defaults depend on the mode and the device (see each benchmark's DEFAULTS)
-    bench.add_argument("--shape", help="--kernels: volume size D,H,W in voxels (GPU: 160,224,192; CPU: 80,112,96)")
-    bench.add_argument("--batch-sizes", help="comma-separated batch sizes (service: 1,2,4,8; kernels GPU: 1,4, CPU: 1)")
-    bench.add_argument("--warmup", type=int, help="untimed calls before timing (service GPU 5, CPU 1; kernels GPU 3, CPU 1)")
-    bench.add_argument("--repeats", type=int, help="--kernels: timed calls; the median is reported (GPU: 10; CPU: 3)")
-    bench.add_argument("--device", default="auto", help="--kernels: cuda, cpu or auto (cuda when available)")
-    bench.add_argument("--out", default="benchmarks/results", help="folder for the results (a sub-folder per device)")
-    bench.set_defaults(func=_bench)
+    from lumireg.benchmarks import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

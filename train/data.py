@@ -17,10 +17,12 @@ from typing import Sequence
 
 import torch
 
-from lumireg.train.canvas import CANVAS_SHAPE, LABELS, Canvas, lumir_canvas
+from lumireg.contract import SIZE_MULTIPLE, check_size_multiple
+from lumireg.train.canvas import LABELS, Canvas, lumir_canvas
 from lumireg.train.lumir import LumirPairs
 from lumireg.train.synthetic import (
     EVAL_SEED_START,
+    PRESETS,
     SyntheticConfig,
     SyntheticPairs,
     evaluation_seeds,
@@ -29,10 +31,8 @@ from lumireg.train.synthetic import (
     training_seeds,
 )
 
-CROP_MULTIPLE = 16
-
 __all__ = [
-    "CANVAS_SHAPE", "CROP_MULTIPLE", "EVAL_SEED_START", "LABELS", "Canvas", "LumirPairs", "SyntheticConfig",
+    "EVAL_SEED_START", "LABELS", "Canvas", "LumirPairs", "PRESETS", "SyntheticConfig",
     "SyntheticPairs", "evaluation_seeds", "lumir_canvas", "random_crop", "random_displacement",
     "synthetic_pair", "training_seeds",
 ]
@@ -62,8 +62,9 @@ def random_crop(sample: dict, size: Sequence[int], generator: torch.Generator | 
         raise ValueError(f"the sample's volumes must share one spatial shape, got {sorted(shapes)}")
     (shape,) = shapes
     size = tuple(int(s) for s in size)
-    if len(size) != 3 or any(s <= 0 or s % CROP_MULTIPLE or s > n for s, n in zip(size, shape)):
-        raise ValueError(f"crop size must be 3 positive multiples of {CROP_MULTIPLE} within {shape}, got {size}")
+    if len(size) != 3 or any(s > n for s, n in zip(size, shape)):
+        raise ValueError(f"crop size must be 3 positive multiples of {SIZE_MULTIPLE} within {shape}, got {size}")
+    check_size_multiple(size, "crop size")
     start = [int(torch.randint(0, n - s + 1, (), generator=generator)) for n, s in zip(shape, size)]
     window = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(start, size))
     return {k: v[window].clone(memory_format=torch.contiguous_format) if k in volumes else v for k, v in sample.items()}

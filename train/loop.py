@@ -5,7 +5,7 @@ One step: predict the velocity ``v`` of a (fixed, moving) pair, integrate
 
     similarity(F, M o phi) / 2 + similarity(M, F o phi^-1) / 2 + smooth_weight * |grad v|^2
 
-with similarity ``-local_ncc`` (window 9) or ``-MI`` for cross-contrast data.
+with similarity ``-local_ncc`` (window :data:`lumireg.contract.NCC_WINDOW`) or ``-MI`` for cross-contrast data.
 Inverse consistency holds by construction (``v`` is antisymmetric), so it
 needs no loss term. Runs on one CPU or GPU, or on several processes with
 ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs); mixed
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lumireg.contract import NCC_WINDOW, check_size_multiple
 from lumireg.kernels import warp
 from lumireg.network import LumiNet, NetworkConfig, read_checkpoint, save_checkpoint, velocity_to_displacement
 from lumireg.train.losses import mi_loss, ncc_loss, smoothness
@@ -41,17 +42,22 @@ class TrainConfig:
     their true 1 mm scale; ``crops_per_pair`` windows are cut from each pair
     before the next is made (making a pair costs about as much as a step on a
     CPU). ``steps`` counts optimiser steps; one step sees ``batch_size`` crops
-    on every process.
+    on every process. ``synthetic``: the name of the pair distribution
+    (:data:`lumireg.train.synthetic.PRESETS`) when ``data`` is synthetic.
+    ``init``: a checkpoint whose weights start the run (fine-tuning), instead
+    of a fresh initialisation; its network config is used.
     """
 
     data: str = "synthetic"
+    synthetic: str = "lumir"
+    init: str | None = None
     steps: int = 2000
     batch_size: int = 1
     crop: tuple[int, int, int] = (96, 96, 96)
     crops_per_pair: int = 2
     lr: float = 1e-3
     similarity: str = "ncc"
-    ncc_window: int = 9
+    ncc_window: int = NCC_WINDOW
     smooth_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
@@ -62,10 +68,15 @@ class TrainConfig:
 
     def __post_init__(self):
         self.crop = tuple(self.crop)
+        from lumireg.train.synthetic import PRESETS
+
+        if self.synthetic not in PRESETS:
+            raise ValueError(f"synthetic must be one of {sorted(PRESETS)}, got {self.synthetic!r}")
         if self.similarity not in ("ncc", "mi"):
             raise ValueError(f"similarity must be 'ncc' or 'mi', got {self.similarity!r}")
-        if len(self.crop) != 3 or any(c <= 0 or c % 16 for c in self.crop):
-            raise ValueError(f"crop must be three positive multiples of 16, got {self.crop}")
+        if len(self.crop) != 3:
+            raise ValueError(f"crop must be three sizes (D, H, W), got {self.crop}")
+        check_size_multiple(self.crop, "crop")
         if min(self.steps, self.batch_size, self.crops_per_pair, self.checkpoint_every, self.log_every) < 1:
             raise ValueError("steps, batch_size, crops_per_pair, checkpoint_every and log_every must be >= 1")
 
@@ -124,7 +135,7 @@ def _data_source(config: TrainConfig):
 
     if config.data == "synthetic":
         seeds = data.training_seeds(10**9, start=config.seed * 10**9)
-        return data.SyntheticPairs(seeds, split="train", labels=False)
+        return data.SyntheticPairs(seeds, config=data.PRESETS[config.synthetic], split="train", labels=False)
     path = Path(config.data)
     if path.suffix != ".json":
         raise ValueError(f"--data must be 'synthetic' or a LUMIR dataset JSON file, got {config.data!r}")
@@ -181,7 +192,12 @@ def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None
         torch.cuda.set_device(dev)
     out = Path(out)
     torch.manual_seed(config.seed)
+    initial = read_checkpoint(config.init) if config.init is not None and resume is None else None
+    if initial is not None:
+        config.network = initial["network"]
     model = LumiNet(NetworkConfig.from_dict(config.network)).to(dev)
+    if initial is not None:
+        model.load_state_dict(initial["model"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     first_step, log, earlier = 0, [], []
     if resume is not None:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lumireg.contract import CANVAS, INTEGRATION_STEPS
 from lumireg.kernels import integrate, warp
-from lumireg.train.canvas import CANVAS_SHAPE, LABELS, TISSUES, lumir_canvas
+from lumireg.train.canvas import LABELS, TISSUES, lumir_canvas
 
 # far above the seeds the training loop draws (10**9 per --seed, from seed * 10**9)
 EVAL_SEED_START = 10**12
@@ -35,8 +36,12 @@ class SyntheticConfig:
         spacing_mm: control-point spacing of the random velocity (its noise is
             smoothed with a Gaussian of sigma ``spacing_mm / 2``).
         velocity_rms_mm: (low, high): each velocity field is scaled to an RMS drawn uniformly here.
+        coarse_spacing_mm: control-point spacing of a second, coarser velocity
+            component added to the first (large smooth deformations, as between subjects).
+        coarse_rms_mm: (low, high): RMS of that component, drawn uniformly; ``(0, 0)``
+            (the default) draws no coarse component at all, so the stream of pairs is unchanged.
         integration_factor: velocities are integrated on a grid this many times coarser.
-        steps: scaling-and-squaring steps (LUMIR: 7).
+        steps: scaling-and-squaring steps (LUMIR's 7, :data:`lumireg.contract.INTEGRATION_STEPS`).
         gamma_log_std: per image ``x ** exp(N(0, s))``.
         bias_log_std: per image smooth multiplicative field ``exp(N(0, s))``,
             Gaussian noise on a ``bias_spacing_mm`` grid upsampled trilinearly.
@@ -54,8 +59,10 @@ class SyntheticConfig:
 
     spacing_mm: float = 16.0
     velocity_rms_mm: tuple[float, float] = (1.5, 3.0)
+    coarse_spacing_mm: float = 48.0
+    coarse_rms_mm: tuple[float, float] = (0.0, 0.0)
     integration_factor: int = 4
-    steps: int = 7
+    steps: int = INTEGRATION_STEPS
     gamma_log_std: float = 0.25
     bias_log_std: float = 0.15
     bias_spacing_mm: float = 48.0
@@ -67,14 +74,26 @@ class SyntheticConfig:
     shared_contrast: bool = True
 
     def __post_init__(self):
-        for name in ("velocity_rms_mm", "noise_std", "blur_mm"):
+        for name in ("velocity_rms_mm", "coarse_rms_mm", "noise_std", "blur_mm"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(low, high)}")
         if min(self.inversion_prob, self.synthetic_prob) < 0 or self.inversion_prob + self.synthetic_prob > 1:
             raise ValueError("inversion_prob and synthetic_prob must be >= 0 and sum to at most 1")
-        if self.spacing_mm <= 0 or self.bias_spacing_mm <= 0 or self.integration_factor < 1 or self.steps < 0:
+        if min(self.spacing_mm, self.coarse_spacing_mm, self.bias_spacing_mm) <= 0 or self.integration_factor < 1 or self.steps < 0:
             raise ValueError("spacings must be > 0, integration_factor >= 1 and steps >= 0")
+
+
+# named distributions of training pairs (``lumireg train --synthetic NAME``)
+PRESETS = {
+    # the first bundled weights' distribution: one velocity scale (16 mm), 1.5-3 mm RMS per image
+    "lumir": SyntheticConfig(),
+    # broader: a coarse 48 mm component up to 5 mm RMS on top of the 16 mm one, more contrasts
+    "broad": SyntheticConfig(
+        velocity_rms_mm=(1.0, 3.5), coarse_rms_mm=(1.0, 5.0), gamma_log_std=0.3, bias_log_std=0.2,
+        inversion_prob=0.1, synthetic_prob=0.25,
+    ),
+}
 
 
 def training_seeds(n: int, start: int = 0) -> range:
@@ -123,7 +142,8 @@ def random_displacement(
     rms_mm: float = 3.0,
     voxel_mm: Sequence[float] = (1.0, 1.0, 1.0),
     factor: int = 4,
-    steps: int = 7,
+    steps: int = INTEGRATION_STEPS,
+    coarse: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """A random smooth diffeomorphic displacement: the flow of a random stationary velocity.
 
@@ -139,21 +159,29 @@ def random_displacement(
         voxel_mm: voxel size of ``shape`` along (D, H, W), in mm.
         factor: coarsening of the integration grid.
         steps: scaling-and-squaring steps.
+        coarse: optional ``(spacing_mm, rms_mm)`` of a second velocity component,
+            drawn the same way and added to the first before integration.
 
     Returns:
         ``(1, 3, D, H, W)`` float32 pull-back displacement in voxels of ``shape``,
         channel c along axis c (``warp(image, disp)`` deforms ``image``).
     """
     extent = [(n - 1) * v for n, v in zip(shape, voxel_mm)]
-    control = [max(2, round(e / spacing_mm) + 1) for e in extent]
-    coarse = [max(2, math.ceil(n / factor)) for n in shape]
-    coarse_mm = [e / (c - 1) for e, c in zip(extent, coarse)]
-    velocity = torch.randn(1, 3, *control, generator=generator)
-    velocity = gaussian_blur(_upsample(velocity, coarse), [spacing_mm / 2 / v for v in coarse_mm])
-    velocity *= rms_mm / velocity.square().mean().sqrt().clamp_min(1e-12)
+    coarse_grid = [max(2, math.ceil(n / factor)) for n in shape]
+    coarse_mm = [e / (c - 1) for e, c in zip(extent, coarse_grid)]
+
+    def component(spacing: float, rms: float) -> torch.Tensor:
+        control = [max(2, round(e / spacing) + 1) for e in extent]
+        velocity = torch.randn(1, 3, *control, generator=generator)
+        velocity = gaussian_blur(_upsample(velocity, coarse_grid), [spacing / 2 / v for v in coarse_mm])
+        return velocity * (rms / velocity.square().mean().sqrt().clamp_min(1e-12))
+
+    velocity = component(spacing_mm, rms_mm)
+    if coarse is not None:
+        velocity += component(*coarse)
     velocity /= torch.tensor(coarse_mm).view(1, 3, 1, 1, 1)  # mm -> coarse voxels, per channel
     disp = _upsample(integrate(velocity, steps), shape)
-    return disp * torch.tensor([(n - 1) / (c - 1) for n, c in zip(shape, coarse)]).view(1, 3, 1, 1, 1)
+    return disp * torch.tensor([(n - 1) / (c - 1) for n, c in zip(shape, coarse_grid)]).view(1, 3, 1, 1, 1)
 
 
 @lru_cache(maxsize=4)
@@ -162,7 +190,7 @@ def _source(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     canvas = lumir_canvas()
     image = torch.from_numpy(canvas.image.astype("float32") / 255)[None, None]
     labels = torch.from_numpy(canvas.labels.astype("float32"))[None, None]
-    if shape != CANVAS_SHAPE:
+    if shape != CANVAS:
         # same field of view, coarser voxels: resample voxel centres, not corners
         image = F.interpolate(image, size=shape, mode="trilinear", align_corners=False)
         labels = F.interpolate(labels, size=shape, mode="nearest-exact")
@@ -210,7 +238,7 @@ def synthetic_pair(
         seed: any int >= 0 (see :data:`EVAL_SEED_START` for the reserved ones).
         shape: ``(D, H, W)`` of the output; ``None`` is LUMIR's 160 x 224 x 192
             at 1 mm; another shape resamples the canvas (same field of view, voxel
-            size ``CANVAS_SHAPE / shape`` mm) and scales the fields to match.
+            size ``CANVAS / shape`` mm) and scales the fields to match.
         config: augmentation and deformation settings (default :class:`SyntheticConfig`).
         labels: also warp the label maps (nearest); skip them to save ~30 % when training.
 
@@ -222,10 +250,10 @@ def synthetic_pair(
         ``"seed"``: the int seed.
     """
     config = config or SyntheticConfig()
-    shape = tuple(int(n) for n in (shape or CANVAS_SHAPE))
+    shape = tuple(int(n) for n in (shape or CANVAS))
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"shape must be three sizes >= 2, got {shape}")
-    voxel_mm = [c / n for c, n in zip(CANVAS_SHAPE, shape)]
+    voxel_mm = [c / n for c, n in zip(CANVAS, shape)]
     generator = torch.Generator().manual_seed(int(seed))
     image, label_map = _source(shape)
     sources = [_contrast(image, label_map, voxel_mm, generator, config)]
@@ -233,8 +261,11 @@ def synthetic_pair(
     sample = {}
     for name, source in zip(("fixed", "moving"), sources):
         rms = _uniform(generator, *config.velocity_rms_mm)
+        coarse = None
+        if config.coarse_rms_mm[1] > 0:
+            coarse = (config.coarse_spacing_mm, _uniform(generator, *config.coarse_rms_mm))
         disp = random_displacement(
-            shape, generator, config.spacing_mm, rms, voxel_mm, config.integration_factor, config.steps
+            shape, generator, config.spacing_mm, rms, voxel_mm, config.integration_factor, config.steps, coarse
         )
         sample[name] = _corrupt(warp(source, disp), voxel_mm, generator, config)[0]
         if labels:

@@ -1,0 +1,138 @@
+"""lumireg's contract: every fact that more than one folder relies on, in one place.
+
+Plain constants and tiny pure functions; importing this module imports
+neither torch nor numpy, so the light client install (numpy, nibabel,
+tritonclient) and the server share it. Folders import facts from here, never
+from each other.
+
+Conventions (LUMIR's): a volume is the NIfTI data array as stored, axes
+(i, j, k); tensors are ``(B, C, D, H, W)`` with D, H, W = i, j, k. A
+displacement is ``(B, 3, D, H, W)`` float32 in **voxels**, channel c along
+array axis c, pull-back from the fixed grid (``warped(x) = moving(x + u(x))``),
+trilinear, voxel centres at integer coordinates.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- the canvas: LUMIR's grid -------------------------------------------------------------------------
+CANVAS = (160, 224, 192)  # voxels along i, j, k
+CANVAS_SPACING_MM = 1.0
+CANVAS_ORIENTATION = ("R", "A", "S")  # array axes i, j, k point right, anterior, superior (the template's)
+HALF_CANVAS = tuple(n // 2 for n in CANVAS)  # the network's velocity grid
+SIZE_MULTIPLE = 16  # every spatial size the network takes divides by this (four halvings)
+
+# --- the transform --------------------------------------------------------------------------------------
+INTEGRATION_STEPS = 7  # scaling and squaring: v / 2**7, then 7 times u <- u + warp(u, u)
+NCC_WINDOW = 9  # voxels per side of the local NCC window (training loss and QC)
+
+
+def check_size_multiple(shape, what: str = "volume") -> None:
+    """``ValueError`` unless every size in ``shape`` (voxels) is a positive multiple of :data:`SIZE_MULTIPLE`."""
+    sizes = tuple(int(s) for s in shape)
+    if not sizes or any(s <= 0 or s % SIZE_MULTIPLE for s in sizes):
+        raise ValueError(f"{what}: spatial sizes must be positive multiples of {SIZE_MULTIPLE}, got {sizes}")
+
+
+# --- intensities ------------------------------------------------------------------------------------------
+def intensities_to_uint8(unit):
+    """LUMIR's 8-bit intensities from intensities in 0..1: ``rint(clip(x, 0, 1) * 255)`` as uint8.
+
+    ``unit``: any real array-like (a CPU tensor too), any shape; values outside
+    0..1 saturate, halves round to even (``numpy.rint``); NaN must not occur.
+    Returns a numpy ``uint8`` array of the same shape, 0..255. The network
+    input is this divided by 255. numpy is imported on the first call, so the
+    contract itself stays numpy-free.
+    """
+    import numpy as np
+
+    return np.rint(np.clip(np.asarray(unit), 0, 1) * 255).astype(np.uint8)
+
+
+# --- LUMIR's file names -----------------------------------------------------------------------------------
+_LUMIR_IMAGE = re.compile(r"_(\d{4})_(\d{4})\.nii\.gz$")  # LUMIRMRI_{ID}_{modality}.nii.gz
+
+
+def displacement_file_stem(fixed_id: str, moving_id: str, fixed_modality: str | None = None,
+                           moving_modality: str | None = None) -> str:
+    """LUMIR's name of a displacement field, without its suffix (``.nii.gz`` or ``.npz``).
+
+    ``disp_{fixed}_{moving}``; when both modality numbers are given, differ,
+    and are not ``0000 -> 0001`` (T1 fixed, T2 moving), the cross-modality
+    name ``disp_{fixed}_{fixedMod}_{moving}_{movingMod}``, as LUMIR's evaluator
+    expects.
+    """
+    if fixed_modality is None or moving_modality is None or fixed_modality == moving_modality or (
+            (fixed_modality, moving_modality) == ("0000", "0001")):
+        return f"disp_{fixed_id}_{moving_id}"
+    return f"disp_{fixed_id}_{fixed_modality}_{moving_id}_{moving_modality}"
+
+
+def lumir_case_names(fixed: str, moving: str) -> tuple[str, str] | None:
+    """LUMIR's names for a pair of image paths ending in ``_{ID}_{modality}.nii.gz`` (four digits each).
+
+    Returns the case key ``"{fixedID}_{fixedMod}<--{movingID}_{movingMod}"``
+    (the evaluator's report) and the field's :func:`displacement_file_stem`;
+    None if either path does not end that way.
+    """
+    found = [_LUMIR_IMAGE.search(n) if isinstance(n, str) else None for n in (fixed, moving)]
+    if not all(found):
+        return None
+    (fix, fix_mod), (mov, mov_mod) = (f.groups() for f in found)
+    return f"{fix}_{fix_mod}<--{mov}_{mov_mod}", displacement_file_stem(fix, mov, fix_mod, mov_mod)
+
+
+# --- the Triton models ------------------------------------------------------------------------------------
+ENTRY_MODEL, NETWORK_MODEL = "lumireg", "lumireg_network"
+MAX_BATCH_SIZE = 8
+
+# entry model ``lumireg``: (name, Triton type, dims, optional); dims per pair, Triton adds the batch axis
+INPUTS = (
+    ("fixed", "TYPE_UINT8", (1, *CANVAS), False),  # intensities 0..255
+    ("moving", "TYPE_UINT8", (1, *CANVAS), False),
+    ("moving_labels", "TYPE_INT32", (1, *CANVAS), True),  # only for warped_labels
+)
+# (name, Triton type, dims); each is computed only when a request asks for it
+OUTPUTS = (
+    ("displacement", "TYPE_FP32", (3, *CANVAS)),  # voxels, pull-back from the fixed grid, channel c along axis c
+    ("displacement_fp16", "TYPE_FP16", (3, *CANVAS)),
+    ("inverse_displacement", "TYPE_FP32", (3, *CANVAS)),  # pulls the fixed image onto the moving grid
+    ("warped", "TYPE_FP32", (1, *CANVAS)),  # moving resampled onto the fixed grid, trilinear, 0..255
+    ("warped_labels", "TYPE_INT32", (1, *CANVAS)),  # moving_labels resampled, nearest neighbour
+    ("qc", "TYPE_STRING", (1,)),  # UTF-8 JSON, see lumireg.service.pipeline.quality_report
+)
+OUTPUT_NAMES = tuple(name for name, *_ in OUTPUTS)
+
+# network model ``lumireg_network``: the uint8 pair in (the graph divides by 255), the velocity out
+NETWORK_INPUTS = (("fixed", "TYPE_UINT8", (1, *CANVAS)), ("moving", "TYPE_UINT8", (1, *CANVAS)))
+NETWORK_OUTPUT = ("velocity", "TYPE_FP32", (3, *HALF_CANVAS))  # half-resolution voxels, antisymmetric in the pair
+NETWORK_INPUT_NAMES = tuple(name for name, *_ in NETWORK_INPUTS)
+NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
+
+# --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
+# name -> (type, default, lowest, highest, meaning); a request outside the bounds gets INVALID_ARGUMENT
+PARAMETERS: dict[str, tuple[type, object, object, object, str]] = {}
+
+# --- the model repository's files -------------------------------------------------------------------------
+ONNX_FILE = "model.onnx"  # the network graph (python and onnxruntime_onnx variants)
+PLAN_FILE = "model.plan"  # the TensorRT plan (tensorrt_plan variant)
+CHECKPOINT_FILE = "model.pt"  # the exported weights, for the PyTorch path on GPUs
+EXPORT_RECORD = "export.json"  # what was exported: weights, sha256, parity, versions
+PARITY_PAIR_FILE = "parity_pair.npz"  # lumireg.export's package data: the realistic pair of the parity check
+
+# --- exit codes: one table for every ``lumireg`` command ---------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the work ran and failed (a benchmark with failed requests, a server that died)
+EXIT_USAGE = 2  # bad arguments or bad input files: the message says which
+EXIT_UNAVAILABLE = 3  # the server cannot be reached or is not ready
+EXIT_MISSING_DEPENDENCY = 4  # an optional component is absent (TensorRT, a GPU, antspyx)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT (SIGTERM stops the server cleanly with EXIT_OK)
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "the work ran and failed",
+    EXIT_USAGE: "bad arguments or input",
+    EXIT_UNAVAILABLE: "server unreachable or not ready",
+    EXIT_MISSING_DEPENDENCY: "optional component missing (TensorRT, GPU, antspyx)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
