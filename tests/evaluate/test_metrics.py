@@ -1,10 +1,14 @@
-"""The LUMIR metrics on hand-built fields with answers derived by hand, and NDV against a loop oracle."""
+"""The LUMIR metrics on hand-built fields with answers derived by hand; NDV against a loop oracle, HD95 against a
+brute-force surface-distance oracle."""
 
 import itertools
 
 import numpy as np
 import pytest
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
+from scipy.spatial.distance import cdist
+from surface_distance import lookup_tables
 
 from lumireg.evaluate import metrics
 
@@ -117,6 +121,104 @@ def test_label_warped_out_of_view_scores_dice_0_and_infinite_hd95():
 def test_non_integer_labels_are_refused():
     with pytest.raises(ValueError, match="integer labels"):
         metrics.dice(cube_labels() + 0.5, cube_labels(), [1])
+
+
+# --- HD95 against a brute-force oracle ---------------------------------------------------------------------------
+
+# the area of the marching-cubes patch of each 2x2x2 configuration (unit spacing), and the configuration's bit of
+# each of its 8 voxels: the official evaluator's surface-distance package weighs every surface point by it
+PATCH_AREA = lookup_tables.create_table_neighbour_code_to_surface_area(np.ones(3))
+VOXEL_BIT = 2 ** np.arange(7, -1, -1).reshape(2, 2, 2)
+
+
+def surfels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-corner points whose 8 voxels (outside the volume: out) are mixed: ``[N, 3]`` coordinates, ``[N]`` areas."""
+    cubes = sliding_window_view(np.pad(mask, 1).astype(np.int64), (2, 2, 2))  # cubes[q]: voxels q-1 .. q
+    inside = cubes.sum(axis=(-3, -2, -1))
+    points = (inside > 0) & (inside < 8)
+    codes = (cubes * VOXEL_BIT).sum(axis=(-3, -2, -1))
+    return np.argwhere(points).astype(np.float64), PATCH_AREA[codes[points]]
+
+
+def directed_p95(source: tuple, target: tuple) -> float:
+    """The smallest distance d such that the source's points within d of the target carry >= 95 % of its area."""
+    (points, areas), (to, _) = source, target
+    if len(points) == 0 or len(to) == 0:
+        return np.inf
+    distance = cdist(points, to).min(axis=1)
+    return min(d for d in np.unique(distance) if areas[distance <= d].sum() >= 0.95 * areas.sum())
+
+
+def reference_hd95(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, labels: list[int]) -> np.ndarray:
+    out = []
+    for label in labels:
+        if not ((fixed == label).any() and (moving == label).any()):
+            out.append(np.nan)
+            continue
+        f, w = surfels(fixed == label), surfels(warped == label)
+        out.append(max(directed_p95(f, w), directed_p95(w, f)))
+    return np.array(out)
+
+
+def box(shape, corner, size, label=1, out=None) -> np.ndarray:
+    out = np.zeros(shape) if out is None else out
+    out[tuple(slice(c, c + n) for c, n in zip(corner, size))] = label
+    return out
+
+
+def ball(shape, centre, radii, label=1, out=None) -> np.ndarray:
+    out = np.zeros(shape) if out is None else out
+    grid = np.indices(shape, dtype=np.float64)
+    out[sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1] = label
+    return out
+
+
+def hd95_pairs():
+    """(fixed, moving, warped, labels) cases: small, split, elongated, round and missing labels."""
+    s = (24, 24, 24)
+    small = box(s, (5, 5, 5), (1, 1, 2)), box(s, (6, 5, 4), (1, 2, 2))  # 2 voxels vs 4, one voxel off
+    split_fixed = box(s, (14, 14, 14), (2, 2, 2), out=box(s, (3, 3, 3), (6, 6, 6)))  # a big blob and a small one
+    split_warped = box(s, (17, 12, 15), (2, 2, 2), out=box(s, (3, 4, 3), (6, 5, 6)))
+    rod = box((32, 20, 20), (4, 8, 8), (22, 3, 4)), box((32, 20, 20), (5, 9, 8), (20, 3, 5))
+    sphere = ball((28, 28, 28), (13.5, 13.5, 13.5), (8, 8, 8))
+    ellipsoid = ball((28, 28, 28), (14, 14, 14), (11, 8, 7))
+    two = cube_labels()  # labels 0 (background, touching the border), 1, 2; 2 also warped out of view; 3 nowhere
+    two_warped = metrics.warp_labels_nearest(two, translation([2, 1, 0]))
+    two_warped[two_warped == 2] = 0
+    only_warped = cube_labels()  # label 2 missing from fixed, but in moving and warped
+    only_warped[only_warped == 2] = 0
+    return {
+        "small": (small[0], small[0], small[1], [1]),
+        "two_blobs": (split_fixed, split_fixed, split_warped, [1]),
+        "elongated_box": (rod[0], rod[0], rod[1], [1]),
+        "sphere_vs_ellipsoid": (sphere, sphere, ellipsoid, [1]),
+        "missing_in_warped_or_everywhere": (two, two, two_warped, [0, 1, 2, 3]),
+        "missing_in_fixed": (only_warped, two, metrics.warp_labels_nearest(two, translation([2, 1, 0])), [0, 1, 2]),
+    }
+
+
+@pytest.mark.parametrize("case", list(hd95_pairs()))
+def test_hd95_is_the_area_weighted_95th_percentile_of_the_surface_distances(case):
+    fixed, moving, warped, labels = hd95_pairs()[case]
+    expected = reference_hd95(fixed, moving, warped, labels)
+    assert np.isfinite(expected).any(), "each case should score some label"
+    np.testing.assert_allclose(metrics.hd95(fixed, warped, labels, moving), expected, rtol=1e-12)
+
+
+def test_hd95_weighs_surface_points_by_area_so_a_tiny_fragment_does_not_count():
+    # a 4-voxel cube in both maps, and in the fixed map one more voxel of the label far away: its 8 corner points
+    # are 8 of 106 (7.5 %, so an equal-weight 95th percentile would be their distance), but their area is
+    # 8 * sqrt(3)/8 of 6 * 9 + 12 * 3 * sqrt(2)/2 + 8 * sqrt(3)/8 + sqrt(3) (2.1 %, faces 1, edges sqrt(2)/2,
+    # corners sqrt(3)/8 each)
+    shape = (24, 24, 24)
+    warped = box(shape, (4, 4, 4), (4, 4, 4))
+    fixed = box(shape, (18, 18, 18), (1, 1, 1), out=warped.copy())
+    assert PATCH_AREA[128] == pytest.approx(np.sqrt(3) / 8) and PATCH_AREA[128 + 64] == pytest.approx(np.sqrt(2) / 2)
+    assert PATCH_AREA[128 + 64 + 32 + 16] == pytest.approx(1.0)
+    assert metrics.hd95(fixed, warped, [1], fixed)[0] == 0.0
+    # a 2x2x2 fragment has 16 % of the area: now the percentile reaches it
+    fixed = box(shape, (18, 18, 18), (2, 2, 2), out=warped.copy())
+    assert metrics.hd95(fixed, warped, [1], fixed)[0] > 10
 
 
 # --- layouts -------------------------------------------------------------------------------------------------
