@@ -2,7 +2,7 @@
 
 ``lumireg.evaluate.metrics`` holds the metrics on numpy arrays and
 ``lumireg.evaluate.runner`` the ``lumireg evaluate`` command, both matching the
-official LUMIR evaluator; numpy, scipy and nibabel only (no torch), so the
+official LUMIR evaluator; numpy, scipy, nibabel and surface-distance (the official HD95) only (no torch), so the
 service's quality report and a PACS host can use them.
 """
 
