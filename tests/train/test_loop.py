@@ -99,3 +99,19 @@ def test_train_command_reports_bad_arguments_clearly(tmp_path, arguments, messag
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_init_starts_from_the_given_weights_and_resume_wins_over_it(tmp_path):
+    train(TrainConfig(**{**TINY, "steps": 1}), tmp_path / "first")
+    start = read_checkpoint(tmp_path / "first" / "model.pt")
+    config = TrainConfig(**{**TINY, "steps": 1, "lr": 0.0, "init": str(tmp_path / "first" / "model.pt")})
+    tuned = read_checkpoint(train(config, tmp_path / "tuned"))
+    for name, value in start["model"].items():  # lr 0: the weights are the initial ones, exactly
+        assert torch.equal(tuned["model"][name], value), name
+    fresh = read_checkpoint(train(TrainConfig(**{**TINY, "steps": 1, "lr": 0.0, "seed": 1}), tmp_path / "fresh"))
+    assert not torch.equal(fresh["model"]["head.weight"], start["model"]["head.weight"])
+
+
+def test_unknown_synthetic_preset_is_refused():
+    with pytest.raises(ValueError, match="broad"):
+        TrainConfig(synthetic="wide")

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lumireg.train.canvas import CANVAS_SHAPE, LABELS
+from lumireg.contract import CANVAS
+from lumireg.train.canvas import LABELS
 from lumireg.train.synthetic import (
     EVAL_SEED_START,
+    PRESETS,
     SyntheticConfig,
     SyntheticPairs,
     evaluation_seeds,
@@ -44,11 +46,11 @@ def test_full_pair_has_lumir_shapes_dtypes_and_uint8_steps(full_pairs):
     assert set(sample) == {"fixed", "moving", "fixed_labels", "moving_labels", "seed"}
     for key in ("fixed", "moving"):
         image = sample[key]
-        assert image.shape == (1, *CANVAS_SHAPE) and image.dtype == torch.float32
+        assert image.shape == (1, *CANVAS) and image.dtype == torch.float32
         assert image.min() == 0 and image.max() == 1
         assert torch.equal(torch.round(image * 255), image * 255), "not quantised to 1/255"
     for key in ("fixed_labels", "moving_labels"):
-        assert sample[key].shape == (1, *CANVAS_SHAPE) and sample[key].dtype == torch.int32
+        assert sample[key].shape == (1, *CANVAS) and sample[key].dtype == torch.int32
         assert set(sample[key].unique().tolist()) == {0, *LABELS}
     assert sample["seed"] == 11
 
@@ -167,3 +169,24 @@ def test_bad_configuration_is_refused():
         SyntheticConfig(noise_std=(0.1, 0.0))
     with pytest.raises(ValueError):
         SyntheticPairs([0], split="test")
+
+
+def test_coarse_component_adds_large_smooth_motion_and_leaves_the_default_stream_alone():
+    shape, voxel = (40, 56, 48), (4, 4, 4)
+    fine = random_displacement(shape, torch.Generator().manual_seed(5), rms_mm=2.0, voxel_mm=voxel)
+    both = random_displacement(shape, torch.Generator().manual_seed(5), rms_mm=2.0, voxel_mm=voxel, coarse=(48.0, 6.0))
+    assert _jacobian_determinant(both).min() > 0
+    assert 4 * both.norm(dim=1).mean() > 2 * 4 * fine.norm(dim=1).mean()  # mm: the coarse 6 mm dominates
+    # the default (lumir) preset draws no coarse component: its pairs are those the first weights saw
+    assert torch.equal(synthetic_pair(3, SMALL, PRESETS["lumir"])["fixed"], synthetic_pair(3, SMALL)["fixed"])
+    assert not torch.equal(synthetic_pair(3, SMALL, PRESETS["broad"])["fixed"], synthetic_pair(3, SMALL)["fixed"])
+
+
+def test_broad_preset_moves_labels_further_than_the_lumir_one():
+    def overlap(config):  # share of brain voxels whose label agrees between fixed and moving
+        pair = synthetic_pair(11, SMALL, config)
+        f, m = pair["fixed_labels"], pair["moving_labels"]
+        brain = (f > 0) | (m > 0)
+        return float((f == m)[brain].float().mean())
+
+    assert overlap(PRESETS["broad"]) < overlap(PRESETS["lumir"])
