@@ -1,6 +1,6 @@
 """Accuracy benchmark: lumireg against no registration and ANTs SyN on held-out synthetic pairs.
 
-``lumireg bench --accuracy`` registers pairs made from the reserved evaluation
+``lumireg bench accuracy`` registers pairs made from the reserved evaluation
 seeds (never seen in training; labels: the template's 24 tissue x region
 labels) with each method, on this machine's CPU, and scores every resulting
 pull-back displacement with the LUMIR metrics of ``lumireg.evaluate``: Dice
@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from lumireg.benchmarks.machine import cpu_model, git_commit, slug
+from lumireg.benchmarks.machine import cpu_model, header, slug
+from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, check_size_multiple
 from lumireg.evaluate import (
     as_channels_last,
     dice,
@@ -133,25 +135,47 @@ def _print_table(table: dict) -> None:
               + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}")
 
 
+def add_arguments(parser) -> None:
+    """``lumireg bench accuracy``'s options."""
+    parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
+    parser.add_argument("--pairs", type=int, default=20, help="held-out pairs (default: 20)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"methods (default: {','.join(METHODS)})")
+    parser.add_argument("--checkpoint", help="weights to score (default: the bundled weights)")
+    parser.add_argument("--shape", help="volume size D,H,W in voxels (default: LUMIR's canvas, 160,224,192 at 1 mm)")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+
+
 def run(args) -> int:
-    """``lumireg bench --accuracy``: register ``args.pairs`` held-out pairs with ``args.methods``; 0 on success."""
+    """``lumireg bench accuracy``: register ``args.pairs`` held-out pairs with ``args.methods``; EXIT_OK on success,
+    EXIT_USAGE for bad options, EXIT_MISSING_DEPENDENCY for method ``syn`` without antspyx."""
     from lumireg.network import load_model
     from lumireg.train.data import LABELS, SyntheticPairs, evaluation_seeds
 
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or args.pairs < 1:
-        print(f"lumireg bench: --methods from {','.join(METHODS)} and --pairs >= 1; got {args.methods!r}, "
-              f"{args.pairs}", file=sys.stderr)
-        return 2
+    try:
+        shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None  # None: the 1 mm canvas
+        if unknown or args.pairs < 1 or (shape and len(shape) != 3):
+            raise ValueError
+        if shape and "lumireg" in methods:
+            check_size_multiple(shape, "--shape")
+    except ValueError as exc:
+        why = f"{exc}; " if str(exc) else ""
+        print(f"lumireg bench accuracy: {why}need --methods from {','.join(METHODS)}, --pairs >= 1 and --shape D,H,W; "
+              f"got {args.methods!r}, {args.pairs}, {args.shape!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if "syn" in methods and find_spec("ants") is None:
+        print("lumireg bench accuracy: method syn (ANTs SyN) needs antspyx: pip install 'lumireg[bench]', "
+              "or leave syn out of --methods", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
     try:
         model = load_model(args.checkpoint) if "lumireg" in methods else None
     except (FileNotFoundError, ValueError) as exc:
-        print(f"lumireg bench: {exc}", file=sys.stderr)
-        return 2
+        print(f"lumireg bench accuracy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     out = Path(args.out) / slug(f"cpu {cpu_model()}")
     out.mkdir(parents=True, exist_ok=True)
-    shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None  # None: the 1 mm canvas
     pairs = SyntheticPairs(evaluation_seeds(args.pairs), shape=shape, split="eval", labels=True)
     labels = sorted(LABELS)
     shown = None
@@ -166,7 +190,7 @@ def run(args) -> int:
             rows.append({"seed": int(sample["seed"]), **score(disp, sample, labels), "seconds": seconds})
             if method == "lumireg" and shown is None:
                 shown = (sample, disp)
-        result = {"method": method, "device": f"cpu {cpu_model()}", "lumireg_commit": git_commit(),
+        result = {**header("accuracy", f"cpu {cpu_model()}"), "method": method,
                   "checkpoint": str(args.checkpoint or "bundled default") if method == "lumireg" else None,
                   "shape": list(sample["fixed"].shape[1:]), "pairs": len(rows), "summary": _summary(rows), "rows": rows}
         (out / f"accuracy-{method}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -175,12 +199,15 @@ def run(args) -> int:
         path = out / f"accuracy-{method}.json"
         if path.exists():
             entry = json.loads(path.read_text())
-            table[method] = {k: entry[k] for k in ("pairs", "shape", "summary", "device", "lumireg_commit", "checkpoint")}
+            entry.setdefault("commit", entry.get("lumireg_commit"))  # files written before the common header
+            table[method] = {k: entry.get(k) for k in ("pairs", "shape", "summary", "device", "commit", "date",
+                                                       "checkpoint")}
     units = {"dice": "fraction, mean over the 24 labels", "hd95": "voxels (1 mm)", "ndv_percent": "% of moving mask",
              "sdlogj": "std of log Jacobian determinant", "seconds": "wall seconds per pair, this CPU"}
-    (out / "accuracy.json").write_text(json.dumps({"units": units, "methods": table}, indent=1) + "\n")
+    summary = {**header("accuracy", f"cpu {cpu_model()}"), "units": units, "methods": table}
+    (out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
     if shown is not None:
         _figure(*shown, out / "accuracy.png")
     _print_table(table)
     print(f"\nwrote {out}/accuracy.json")
-    return 0
+    return EXIT_OK

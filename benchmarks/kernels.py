@@ -1,6 +1,6 @@
 """Kernel micro-benchmark: lumireg's kernels against the PyTorch paths users run today.
 
-``lumireg bench --kernels`` times, at one volume size (voxels; default LUMIR's
+``lumireg bench kernels`` times, at one volume size (voxels; default LUMIR's
 160 x 224 x 192) and for each batch size, in float32, the forward pass and the
 forward + backward pass of
 
@@ -20,10 +20,8 @@ terminal and ``<out>/<device-slug>/kernels.json``.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lumireg.kernels as kernels
-from lumireg.benchmarks.machine import cpu_model, device_name, git_commit, package_version, slug
+from lumireg.benchmarks.machine import device_name, header, slug
+from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 from lumireg.kernels._dispatch import use_triton
 
 OPS = ("warp", "integrate", "local_ncc")
@@ -45,7 +44,7 @@ RTOL = 1e-3  # an element mismatches when |ours - ref| > RTOL * max |ref|
 # Gradient elements allowed to mismatch: trilinear's gradient jumps at integer sample
 # coordinates, where ours and grid_sample may round a coordinate into different cells.
 GRAD_MISMATCH = 1e-3
-# Fewest bytes per voxel per batch element, from DESIGN.md's H100 floors (about 3.0 TB/s).
+# Fewest bytes per voxel per batch element each op must move: the floors against an H100's ~3.0 TB/s.
 MIN_BYTES_PER_VOXEL = {("warp", "fwd"): 20, ("integrate", "fwd"): 24 * STEPS, ("local_ncc", "fwd+bwd"): 48}
 H100_BYTES_PER_S = 3.0e12
 # Defaults per device for options left unset: LUMIR's canvas on a GPU; half of it on a
@@ -225,8 +224,24 @@ def _print_table(rows, cuda: bool) -> None:
         print(line)
 
 
+def add_arguments(parser) -> None:
+    """``lumireg bench kernels``'s options; those left unset take the device's :data:`DEFAULTS`."""
+    gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
+    default = lambda name: f"(default: GPU {gpu[name]}; CPU {cpu[name]})"  # noqa: E731
+    parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where to run (default: auto, cuda when torch sees a GPU)")
+    parser.add_argument("--shape", help=f"volume size D,H,W in voxels {default('shape')}")
+    parser.add_argument("--batch-sizes", help=f"comma-separated batch sizes {default('batch_sizes')}")
+    parser.add_argument("--warmup", type=int, help=f"untimed calls before timing {default('warmup')}")
+    parser.add_argument("--repeats", type=int, help=f"timed calls; the median is reported {default('repeats')}")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+
+
 def run(args) -> int:
-    """Run the benchmark for ``lumireg bench --kernels``; 0 if every op ran and matched its reference, else 1.
+    """``lumireg bench kernels``: EXIT_OK if every op ran and matched its reference, else EXIT_FAILURE;
+    EXIT_USAGE for bad options, EXIT_MISSING_DEPENDENCY for ``--device cuda`` without a GPU.
 
     Uses ``args.shape`` ("D,H,W", voxels), ``args.batch_sizes`` ("1,4"),
     ``args.warmup`` / ``args.repeats`` (calls), ``args.device`` ("auto", "cuda"
@@ -234,11 +249,11 @@ def run(args) -> int:
     Options that are ``None`` take the device's ``DEFAULTS``.
     """
     if args.device not in ("auto", "cuda", "cpu"):
-        print(f"lumireg bench: --device must be auto, cuda or cpu, got {args.device!r}", file=sys.stderr)
-        return 2
+        print(f"lumireg bench kernels: --device must be auto, cuda or cpu, got {args.device!r}", file=sys.stderr)
+        return EXIT_USAGE
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("lumireg bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        print("lumireg bench kernels: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     for name, value in DEFAULTS["cuda" if cuda else "cpu"].items():
         if getattr(args, name, None) is None:
@@ -249,9 +264,9 @@ def run(args) -> int:
         if len(shape) != 3 or min(shape) < 2 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
             raise ValueError
     except ValueError:
-        print(f"lumireg bench: need --shape D,H,W (each >= 2), --batch-sizes of ints >= 1, --repeats >= 1, "
+        print(f"lumireg bench kernels: need --shape D,H,W (each >= 2), --batch-sizes of ints >= 1, --repeats >= 1, "
               f"--warmup >= 0; got {args.shape!r}, {args.batch_sizes!r}, {args.repeats}, {args.warmup}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     device = torch.device("cuda" if cuda else "cpu")
     device_label = device_name(cuda)
     if not cuda:
@@ -282,14 +297,7 @@ def run(args) -> int:
           f"after {args.warmup} warm-up; speed-up = ref ms / ours ms")
     _print_table(rows, cuda)
     result = {
-        "device": device_label,
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": package_version("triton"),
-        "python": platform.python_version(),
-        "lumireg_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **header("kernels", device_label),
         "shape": list(shape),
         "dtype": "float32",
         "tf32": False,
@@ -309,4 +317,4 @@ def run(args) -> int:
         why = r.get("error") or (f"{r['mismatch_fraction']:.1e} of the elements differ from the reference by more "
                                  f"than {RTOL:.0e} x its largest magnitude (max |diff| {r['max_abs_diff']:.2e})")
         print(f"FAILED: {r['op']} {r['pass']} B={r['batch']}: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_FAILURE if failed else EXIT_OK

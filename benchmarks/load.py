@@ -1,4 +1,4 @@
-"""Open-loop load test: ``lumireg bench --load --rate R --duration S [--url HOST:PORT]``.
+"""Open-loop load test: ``lumireg bench load --rate R --duration S [--url HOST:PORT]``.
 
 Requests (one LUMIR pair each, uint8 160 x 224 x 192) are sent at a fixed
 arrival rate of R per second for S seconds, at ``start + i / R`` on a
@@ -18,7 +18,6 @@ Results: a summary on the terminal, ``load.json`` and ``load.png`` in ``<out>/<d
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
@@ -31,10 +30,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lumireg.benchmarks.machine import cpu_model, device_name, git_commit, package_version, slug
-from lumireg.benchmarks.serving import latency_summary, sample_batch, scrape, server_breakdown, target
+from lumireg.benchmarks.machine import device_name, header, slug
+from lumireg.benchmarks.serving import (add_target_arguments, latency_summary, sample_batch, scrape, scrape_counted,
+                                        server_breakdown, target)
 from lumireg.client.transport import payload_inputs
-from lumireg.service.contract import ENTRY_MODEL, OUTPUT_NAMES
+from lumireg.contract import (ENTRY_MODEL, EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+                              OUTPUT_NAMES)
 from lumireg.service.server import ServerError
 
 DRAIN_MIN_S = 60.0  # the drain timeout is max(DRAIN_MIN_S, 10 x the p99 latency so far)
@@ -164,23 +165,41 @@ def _plot(report: dict, path: Path) -> None:
     achieved = report["rate_achieved_per_s"]
     ax.set(xlabel="send time (s from start)", ylabel="latency (ms)",
            title=f"lumireg load: {report['rate_target_per_s']:g} req/s target, "
-                 f"{achieved or float('nan'):.3g} achieved, {report['machine']['device']}")
+                 f"{achieved or float('nan'):.3g} achieved, {report['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _scrape(metrics_url: str) -> dict | str:
-    """The metrics endpoint's samples, or why it could not be read."""
+def _scrape(metrics_url: str, before: dict | str | None = None, succeeded: int = 0) -> dict | str:
+    """The metrics endpoint's samples (once Triton has counted ``succeeded`` more successes than ``before``), or why
+    they could not be read."""
     try:
-        return scrape(metrics_url)
+        return scrape_counted(metrics_url, before, succeeded) if isinstance(before, dict) else scrape(metrics_url)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
 
 
+def add_arguments(parser) -> None:
+    """``lumireg bench load``'s options."""
+    parser.description = ("Open-loop load test: requests at a fixed arrival rate for a fixed time, whether or not "
+                          "earlier ones have answered; latency over time and every error, counted by type.")
+    add_target_arguments(parser)
+    parser.add_argument("--rate", type=float, default=1.0, help="requests per second (default: 1)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of sending (default: 30)")
+    parser.add_argument("--outputs", default="displacement_fp16",
+                        help="comma-separated outputs each request asks for, from "
+                             f"{', '.join(n for n in OUTPUT_NAMES if n != 'warped_labels')} (default: displacement_fp16)")
+    parser.add_argument("--bad-request-every", type=int,
+                        help="make every N-th request invalid (checks that failures are seen and counted)")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+
+
 def run(args) -> int:
-    """``lumireg bench --load``: 0 when every request succeeded, 1 if any failed, 2 for bad options.
+    """``lumireg bench load``: EXIT_OK when every request succeeded, EXIT_FAILURE if any failed, EXIT_USAGE for bad
+    options, EXIT_UNAVAILABLE without a server, EXIT_MISSING_DEPENDENCY without nvidia-pytriton for the embedded one.
 
     Uses ``args.url`` (gRPC host:port, or None for the embedded server),
     ``args.metrics_url``, ``args.rate`` (requests/s), ``args.duration`` (s),
@@ -190,25 +209,25 @@ def run(args) -> int:
     try:
         outputs = _check(args)
     except (TypeError, ValueError) as exc:
-        print(f"lumireg bench --load: {exc}", file=sys.stderr)
-        return 2
+        print(f"lumireg bench load: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     device = device_name()
-    gpu = None if device.startswith("cpu ") else device
     out_dir = Path(args.out) / slug(device)
     try:
         with target(args.url, args.metrics_url, out_dir) as (url, metrics_url, what):
             print(f"load test: {args.rate:g} requests/s for {args.duration:g} s ({', '.join(outputs)}), {what}")
             before = _scrape(metrics_url)
             records = send(url, args.rate, args.duration, outputs, args.bad_request_every)
-            after = _scrape(metrics_url)
+            after = _scrape(metrics_url, before, sum(r["error"] is None for r in records))
     except ServerError as exc:
-        print(f"lumireg bench --load: {exc}", file=sys.stderr)
-        return 1
+        print(f"lumireg bench load: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ImportError as exc:
+        print(f"lumireg bench load: {exc}", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
     server = next((s for s in (before, after) if isinstance(s, str)), None) or server_breakdown(before, after)
-    report = {**summarize(records, args.rate, args.duration), "server": server,
-              "machine": {"device": device, "cpu": cpu_model(), "gpu": gpu}, "commit": git_commit(),
-              "versions": {p: package_version(p) for p in ("lumireg", "tritonclient", "torch")}, "target": what,
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    report = {**header("load", device), **summarize(records, args.rate, args.duration), "server": server,
+              "target": what,
               "settings": {"url": args.url, "metrics_url": metrics_url, "rate": args.rate, "duration": args.duration,
                            "outputs": outputs, "bad_request_every": args.bad_request_every},
               "units": {"*_s": "seconds from the start (times) or seconds", "*_ms": "milliseconds",
@@ -218,7 +237,7 @@ def run(args) -> int:
     (out_dir / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out_dir / "load.png")
     _print(report, out_dir)
-    return 1 if report["failed"] else 0
+    return EXIT_FAILURE if report["failed"] else EXIT_OK
 
 
 def _print(report: dict, out_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import platform
 import re
@@ -57,3 +58,32 @@ def device_name(cuda: bool | None = None) -> str:
 
         return torch.cuda.get_device_name()
     return f"cpu {cpu_model()}"
+
+
+HEADER_KEYS = ("benchmark", "device", "cpu", "versions", "commit", "date")
+# the same packages in every result file (None where not installed), whatever the benchmark imports
+VERSIONED = ("lumireg", "numpy", "torch", "triton", "onnxruntime", "tritonclient", "nvidia-pytriton", "antspyx")
+
+
+def header(benchmark: str, device: str | None = None) -> dict:
+    """The keys every benchmark's result JSON starts with (:data:`HEADER_KEYS`).
+
+    ``benchmark``: service, load, kernels or accuracy; ``device``: what it ran on
+    (default :func:`device_name`); ``cpu``: the CPU's model; ``versions``: Python,
+    CUDA (torch's build, None without one) and :data:`VERSIONED`; ``commit``: the
+    lumireg commit (None outside a checkout); ``date``: UTC, ISO 8601, seconds.
+    """
+    try:
+        import torch
+
+        cuda = torch.version.cuda
+    except ImportError:
+        cuda = None
+    return {
+        "benchmark": benchmark,
+        "device": device or device_name(),
+        "cpu": cpu_model(),
+        "versions": {"python": platform.python_version(), "cuda": cuda, **{p: package_version(p) for p in VERSIONED}},
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

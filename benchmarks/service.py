@@ -1,6 +1,6 @@
 """Service benchmark: latency and throughput of the served model across batch sizes, concurrency and transports.
 
-``lumireg bench [--url HOST:PORT] [--batch-sizes 1,2,4,8] [--concurrency 1,2,4,8] [--requests N] [--out DIR]``
+``lumireg bench service [--url HOST:PORT] [--batch-sizes 1,2,4,8] [--concurrency 1,2,4,8] [--requests N]``
 against a running server, or against the embedded one started for the run.
 Every run sends full LUMIR pairs (uint8, 160 x 224 x 192) after ``--warmup``
 untimed requests; closed loop: each of C client threads sends its next request
@@ -26,7 +26,6 @@ in ``<out>/<device>/``.
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import sys
 import threading
@@ -36,9 +35,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lumireg.benchmarks.machine import cpu_model, device_name, git_commit, package_version, slug
-from lumireg.benchmarks.serving import latency_summary, sample_batch, scrape, server_breakdown, target
+from lumireg.benchmarks.machine import device_name, header, slug
+from lumireg.benchmarks.serving import (add_target_arguments, latency_summary, sample_batch, scrape, scrape_counted,
+                                        server_breakdown, target)
 from lumireg.client.transport import OUTPUT_TYPES, output_nbytes
+from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from lumireg.service.server import ServerError
 
 DEFAULTS = {  # GPU: enough requests for a p99; CPU (~1.5 s a pair): a few, so the sweep takes minutes
     "cuda": {"batch_sizes": "1,2,4,8", "concurrency": "1,2,4,8", "requests": 50, "warmup": 5},
@@ -96,7 +98,7 @@ def measure(url: str, metrics_url: str, transport: str, outputs, batch: int, con
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - start
-        after = scrape(metrics_url)
+        after = scrape_counted(metrics_url, before, len(latencies))
     bytes_in, bytes_out = _payload(outputs, batch)
     if len(latencies) != requests:
         raise RuntimeError(f"{requests - len(latencies)} of {requests} requests failed (see the errors above)")
@@ -140,9 +142,30 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
+def add_arguments(parser) -> None:
+    """``lumireg bench service``'s options; those left unset take the device's :data:`DEFAULTS`."""
+    gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
+    parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
+    add_target_arguments(parser)
+    parser.add_argument("--batch-sizes",
+                        help=f"batch sizes at concurrency 1, at most 8 (default: {cpu['batch_sizes']})")
+    parser.add_argument("--concurrency", help=f"client concurrencies at batch 1 (default: {cpu['concurrency']})")
+    parser.add_argument("--requests", type=int,
+                        help=f"timed requests per run (default: GPU {gpu['requests']}, CPU {cpu['requests']})")
+    parser.add_argument("--warmup", type=int,
+                        help=f"untimed requests before each run (default: GPU {gpu['warmup']}, CPU {cpu['warmup']})")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+
+
 def run(args) -> int:
-    """``lumireg bench`` (the service benchmark); 0 when every run completed, 1 if one failed, 2 for bad options."""
-    import torch
+    """``lumireg bench service``: EXIT_OK when every run completed, EXIT_FAILURE if one failed, EXIT_USAGE for bad
+    options, EXIT_UNAVAILABLE without a server, EXIT_MISSING_DEPENDENCY without torch or nvidia-pytriton."""
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"lumireg bench service needs {exc.name}: pip install 'lumireg[server]'", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name, value in DEFAULTS[device].items():
@@ -154,11 +177,10 @@ def run(args) -> int:
             raise ValueError(f"need --requests >= 1, --warmup >= 0 and batch sizes <= 8 (the model's limit); got "
                              f"{args.requests}, {args.warmup}, {batches}")
     except (TypeError, ValueError) as exc:
-        print(f"lumireg bench: {exc}", file=sys.stderr)
-        return 2
+        print(f"lumireg bench service: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     name = device_name(device == "cuda")
     out_dir = Path(args.out) / slug(name)
-    images = sample_batch(max(batches))
     plan = [("batch", "shm", ("displacement_fp16",), b, 1) for b in batches]
     plan += [("concurrency", "shm", ("displacement_fp16",), 1, c) for c in concurrencies]
     plan += [("variant", t, o, 1, 1) for t, _, o in VARIANTS]
@@ -166,30 +188,34 @@ def run(args) -> int:
     try:
         with target(args.url, args.metrics_url, out_dir) as (url, metrics_url, what):
             print(f"service benchmark on {name}, {what}")
+            images = sample_batch(max(batches))
             for kind, transport, outputs, batch, concurrency in (bar := tqdm(plan, desc="service", unit="run")):
                 bar.set_postfix_str(f"{kind} {transport} B={batch} C={concurrency}")
                 requests = max(args.requests, 2 * concurrency) if kind == "concurrency" else args.requests
                 row = measure(url, metrics_url, transport, outputs, batch, concurrency, requests, args.warmup, images)
                 rows.append({"kind": kind, **row})
         rows.append({"kind": "in-process", **measure_in_process(device, args.requests, args.warmup, images)})
+    except ServerError as exc:
+        print(f"lumireg bench service: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ImportError as exc:
+        print(f"lumireg bench service: {exc}", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
     except Exception as exc:
-        print(f"lumireg bench: the service benchmark failed: {exc}", file=sys.stderr)
-        return 1
+        print(f"lumireg bench service: the service benchmark failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     report = _report(rows, args, name, what)
     _write(report, out_dir)
     _print(report)
-    return 0
+    return EXIT_OK
 
 
 def _report(rows: list[dict], args, device: str, what: str) -> dict:
     shm_b1 = next(r for r in rows if r["kind"] == "batch" and r["batch"] == 1)
     local = next(r for r in rows if r["kind"] == "in-process")
     return {
-        "benchmark": "service",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device, "cpu": cpu_model(), "target": what, "commit": git_commit(),
-        "versions": {p: package_version(p) for p in ("lumireg", "torch", "onnxruntime", "tritonclient",
-                                                      "nvidia-pytriton")},
+        **header("service", device),
+        "target": what,
         "settings": {"requests": args.requests, "warmup": args.warmup, "pair": "held-out synthetic, 160x224x192 uint8"},
         "service_over_in_process_p50": shm_b1["p50_ms"] / local["p50_ms"],
         "runs": rows,
@@ -253,7 +279,7 @@ def _plot(report: dict, path: Path) -> None:
     ax3.set(ylabel="ms per request (batch 1)", title="where the time goes")
     ax3.tick_params(axis="x", labelsize=7)
     ax3.legend(fontsize=7)
-    fig.suptitle(f"lumireg service, {report['device']} ({report['created'][:10]})")
+    fig.suptitle(f"lumireg service, {report['device']} ({report['date'][:10]})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """What the service benchmark and the load test share: the server they aim at, its metrics, the test pair.
 
-- :func:`target`: a running server (``--url``) or the embedded one started for the run;
+- :func:`target`: a running server (``--url``) or the embedded one started for the run
+  (:func:`add_target_arguments`: the options that choose it);
 - :func:`scrape` and :func:`server_breakdown`: Triton's Prometheus counters
   (``nv_inference_*``, parsed with ``prometheus_client``) and lumireg's stage
   histograms, differenced between two scrapes, per request;
@@ -10,12 +11,17 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+
+from lumireg.contract import ENTRY_MODEL
+from lumireg.service.server import ServerError
 
 # Triton's cumulative per-model counters, microseconds, -> the names the reports use (per request, ms)
 TRITON_STAGES = {
@@ -27,10 +33,34 @@ TRITON_STAGES = {
 }
 
 
+def add_target_arguments(parser) -> None:
+    """``--url`` and ``--metrics-url``: the server a benchmark measures (see :func:`target`)."""
+    parser.add_argument("--url", help="the server's gRPC host:port (default: start the embedded server for the run)")
+    parser.add_argument("--metrics-url", help="its Prometheus endpoint (default: http://HOST:8002/metrics)")
+
+
+def _check_ready(url: str) -> None:
+    """:class:`ServerError` unless the server at ``url`` answers and its entry model is ready."""
+    import tritonclient.grpc as grpcclient
+
+    try:
+        with grpcclient.InferenceServerClient(url) as client:
+            ready = client.is_server_ready(client_timeout=10) and client.is_model_ready(ENTRY_MODEL, client_timeout=10)
+    except Exception as exc:  # tritonclient's InferenceServerException: unreachable, refused, timed out
+        raise ServerError(f"no server answers at {url}: {exc}") from exc
+    if not ready:
+        raise ServerError(f"the server at {url} is not ready to serve model {ENTRY_MODEL!r}")
+
+
 @contextmanager
 def target(url: str | None, metrics_url: str | None, log_dir: Path):
-    """Yield ``(grpc_url, metrics_url, what)``: the given server, or the embedded one on free ports for the run."""
+    """Yield ``(grpc_url, metrics_url, what)``: the given server, or the embedded one on free ports for the run.
+
+    Raises :class:`ServerError` when the server at ``url`` is not ready or the embedded one cannot start, and
+    ``ModuleNotFoundError`` when the embedded one is asked for without nvidia-pytriton.
+    """
     if url:
+        _check_ready(url)
         host = url.rsplit(":", 1)[0]
         yield url, metrics_url or f"http://{host}:8002/metrics", f"server at {url}"
         return
@@ -38,6 +68,9 @@ def target(url: str | None, metrics_url: str | None, log_dir: Path):
     from lumireg.service.runner import ensure_exported
     from lumireg.service.server import EmbeddedServer, free_ports
 
+    if find_spec("pytriton") is None:
+        raise ModuleNotFoundError("the embedded server needs nvidia-pytriton (pip install 'lumireg[server]'); "
+                                  "or measure a running server with --url", name="pytriton")
     ensure_exported(SOURCE_REPOSITORY)
     log_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddedServer(SOURCE_REPOSITORY, ports=free_ports(), log=log_dir / "tritonserver.log") as server:
@@ -50,6 +83,20 @@ def scrape(metrics_url: str) -> dict[tuple, float]:
         text = response.read().decode()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def scrape_counted(metrics_url: str, before: dict, succeeded: int, model: str = ENTRY_MODEL,
+                   timeout: float = 5.0) -> dict[tuple, float]:
+    """:func:`scrape`, again until Triton has counted ``succeeded`` more successes of ``model`` than ``before`` has
+    (it counts a request just after answering it) or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape(metrics_url)
+        counted = total(after, "nv_inference_request_success_total", model=model) - total(
+            before, "nv_inference_request_success_total", model=model)
+        if counted >= succeeded or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
 
 
 def total(samples: dict, name: str, **labels) -> float:

@@ -2,24 +2,25 @@
 
 import json
 
+import pytest
+
 from lumireg.cli import build_parser
-from lumireg.network import LumiNet, save_checkpoint
+from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 
 
-def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(tmp_path):
-    checkpoint = save_checkpoint(tmp_path / "untrained.pt", LumiNet())
-    args = build_parser().parse_args(
-        ["bench", "--accuracy", "--pairs", "2", "--shape", "48,64,48", "--checkpoint", str(checkpoint),
-         "--out", str(tmp_path / "results")]
-    )
-    assert args.func(args) == 0
-    (folder,) = (tmp_path / "results").iterdir()
-    table = json.loads((folder / "accuracy.json").read_text())["methods"]
-    assert set(table) == {"none", "syn", "lumireg"}
+def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accuracy_run):
+    assert accuracy_run.code == EXIT_OK, accuracy_run.stderr
+    folder = accuracy_run.folder
+    sets = json.loads((folder / "accuracy.json").read_text())["sets"]
+    assert list(sets) == ["synthetic", "independent"]  # both by default
+    assert (sets["synthetic"]["labels"], sets["independent"]["labels"]) == (24, 54)
+    assert {set(entries["methods"]) for entries in sets.values()} == {frozenset({"none", "syn", "lumireg"})}
+    assert sets["independent"]["methods"]["none"]["pairs"] == 2
+    table = sets["synthetic"]["methods"]
     for method, entry in table.items():
         assert entry["pairs"] == 2 and entry["shape"] == [48, 64, 48]
         assert 0.0 < entry["summary"]["dice"]["mean"] <= 1.0
-        assert entry["summary"]["seconds"]["mean"] >= 0.0
+        assert entry["summary"]["seconds"]["mean"] > 0.0
     # an untrained network starts at the identity: it scores as no registration does
     assert abs(table["lumireg"]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
@@ -41,7 +42,52 @@ def test_syn_displacement_is_read_back_in_lumireg_convention():
     assert abs(fixed - warped).mean() < 0.85 * abs(fixed - moving).mean()
 
 
-def test_accuracy_benchmark_refuses_unknown_method(tmp_path, capsys):
-    args = build_parser().parse_args(["bench", "--accuracy", "--methods", "none,elastix", "--out", str(tmp_path)])
-    assert args.func(args) == 2
-    assert "--methods" in capsys.readouterr().err
+@pytest.mark.parametrize("option, value", [("--methods", "none,elastix"), ("--pairs", "0"), ("--shape", "48,64"),
+                                           ("--sets", "synthetic,octants")])
+def test_accuracy_benchmark_refuses_bad_options(tmp_path, capsys, option, value):
+    args = build_parser().parse_args(["bench", "accuracy", option, value, "--out", str(tmp_path)])
+    assert args.func(args) == EXIT_USAGE
+    assert option in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_accuracy_benchmark_reads_method_files_written_before_the_common_header(accuracy_run, tmp_path):
+    folder = tmp_path / accuracy_run.folder.name
+    folder.mkdir()
+    old = json.loads((accuracy_run.folder / "accuracy-syn.json").read_text())
+    old = {"method": "syn", "device": old["device"], "lumireg_commit": "0123abc", "checkpoint": None,
+           "shape": old["shape"], "pairs": old["pairs"], "summary": old["summary"], "rows": old["rows"]}
+    (folder / "accuracy-syn.json").write_text(json.dumps(old))
+    args = build_parser().parse_args(["bench", "accuracy", "--methods", "none", "--pairs", "1", "--shape", "48,64,48",
+                                      "--out", str(tmp_path)])
+    assert args.func(args) == EXIT_OK
+    table = json.loads((folder / "accuracy.json").read_text())["sets"]["synthetic"]["methods"]
+    assert set(table) == {"none", "syn"} and table["syn"]["commit"] == "0123abc" and table["syn"]["date"] is None
+    assert table["syn"]["summary"] == old["summary"]
+
+
+def test_accuracy_benchmark_without_antspyx_says_so_for_syn(tmp_path, monkeypatch, capsys):
+    from lumireg.benchmarks import accuracy
+
+    monkeypatch.setattr(accuracy, "find_spec", lambda name: None if name == "ants" else object())
+    args = build_parser().parse_args(["bench", "accuracy", "--methods", "none,syn", "--out", str(tmp_path)])
+    assert args.func(args) == EXIT_MISSING_DEPENDENCY
+    assert "antspyx" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_accuracy_benchmark_scores_the_independent_set_alone(tmp_path, capsys):
+    args = build_parser().parse_args(["bench", "accuracy", "--sets", "independent", "--methods", "none", "--pairs", "1",
+                                      "--shape", "32,40,36", "--out", str(tmp_path)])
+    assert args.func(args) == EXIT_OK
+    (folder,) = tmp_path.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["accuracy-independent-none.json", "accuracy.json"]
+    sets = json.loads((folder / "accuracy.json").read_text())["sets"]
+    assert list(sets) == ["independent"] and list(sets["independent"]["methods"]) == ["none"]
+    entry = sets["independent"]["methods"]["none"]
+    assert entry["pairs"] == 1 and entry["shape"] == [32, 40, 36]
+    # the two images have independent deformations: unregistered labels overlap only partly
+    assert 0.2 < entry["summary"]["dice"]["mean"] < 0.95
+    rows = json.loads((folder / "accuracy-independent-none.json").read_text())
+    assert rows["set"] == "independent" and rows["rows"][0]["seed"] == 0
+    printed = capsys.readouterr().out.splitlines()
+    (line,) = [row for row in printed if row.startswith("independent")]
+    assert line.split()[1:3] == ["none", "1"]

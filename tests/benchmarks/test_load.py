@@ -6,6 +6,9 @@ from argparse import Namespace
 import pytest
 
 from lumireg.benchmarks import load
+from lumireg.cli import main
+from lumireg.contract import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from lumireg.service.server import free_ports
 
 
 def _args(server, tmp_path, **overrides) -> Namespace:
@@ -14,15 +17,15 @@ def _args(server, tmp_path, **overrides) -> Namespace:
     return Namespace(**{**settings, **overrides})
 
 
-def _report(tmp_path) -> dict:
-    (path,) = tmp_path.glob("*/load.json")
+def _report(folder) -> dict:
+    (path,) = folder.glob("**/load.json")
     assert (path.parent / "load.png").stat().st_size > 0
     return json.loads(path.read_text())
 
 
-def test_load_run_reports_every_request(server, tmp_path):
-    assert load.run(_args(server, tmp_path)) == 0
-    report = _report(tmp_path)
+def test_load_run_reports_every_request(load_run, server):
+    assert load_run.code == EXIT_OK, load_run.stderr
+    report = _report(load_run.folder)
     assert abs(report["requests_sent"] - round(1.0 * 3.0)) <= 1
     assert report["succeeded"] == report["requests_sent"] and report["failed"] == 0
     assert report["errors_by_type"] == {} and report["error_examples"] == {}
@@ -38,13 +41,13 @@ def test_load_run_reports_every_request(server, tmp_path):
     assert all(w["p50_ms"] > 0 and w["p99_ms"] >= w["p50_ms"] for w in windows)
     assert report["server"]["requests"] == report["requests_sent"]
     assert report["server"]["request_ms"] > 0
-    assert report["machine"]["device"] and report["machine"]["cpu"] and report["created"]
+    assert report["device"] and report["cpu"] and report["date"]
     assert report["versions"]["tritonclient"] and report["target"] == f"server at {server.grpc_url}"
     assert report["settings"]["rate"] == 1.0 and report["settings"]["outputs"] == ["displacement_fp16"]
 
 
 def test_load_run_counts_injected_bad_requests(server, tmp_path, capsys):
-    assert load.run(_args(server, tmp_path, rate=2.0, duration=2.0, bad_request_every=2)) == 1
+    assert load.run(_args(server, tmp_path, rate=2.0, duration=2.0, bad_request_every=2)) == EXIT_FAILURE
     report = _report(tmp_path)
     bad = [r for r in report["requests"] if r["bad"]]
     assert report["requests_sent"] == 4 and len(bad) == 2
@@ -66,7 +69,13 @@ def test_load_rejects_bad_options_before_starting_a_server(tmp_path, capsys, mon
     monkeypatch.setattr(load, "target", lambda *a: pytest.fail("a server was started"))
     args = Namespace(**{**dict(url=None, metrics_url=None, rate=1.0, duration=1.0, outputs="displacement_fp16",
                                bad_request_every=None, out=str(tmp_path)), **overrides})
-    assert load.run(args) == 2
+    assert load.run(args) == EXIT_USAGE
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_load_without_a_server_is_unavailable(tmp_path, capsys):
+    url = f"127.0.0.1:{free_ports().grpc}"  # nothing listens there
+    assert main(["bench", "load", "--url", url, "--duration", "1", "--out", str(tmp_path)]) == EXIT_UNAVAILABLE
+    assert url in capsys.readouterr().err and not list(tmp_path.glob("*/load.json"))

@@ -1,4 +1,4 @@
-"""`lumireg bench` (the service benchmark) on a tiny run against the real embedded server."""
+"""`lumireg bench service` on a tiny run against the real embedded server."""
 
 import csv
 import json
@@ -6,17 +6,17 @@ import json
 import numpy as np
 
 from lumireg.cli import main
+from lumireg.contract import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from lumireg.service.server import free_ports
 
 PAIR_BYTES = 2 * 160 * 224 * 192  # two uint8 volumes
 FIELD_BYTES = {"displacement_fp16": 3 * 160 * 224 * 192 * 2, "displacement": 3 * 160 * 224 * 192 * 4,
                "warped": 160 * 224 * 192 * 4, "qc": 0}
 
 
-def test_tiny_sweep_fills_every_field(server, tmp_path, capsys):
-    code = main(["bench", "--url", server.grpc_url, "--metrics-url", server.metrics_url, "--batch-sizes", "1,2",
-                 "--concurrency", "1,2", "--requests", "1", "--warmup", "0", "--out", str(tmp_path)])
-    assert code == 0, capsys.readouterr().err
-    (device_dir,) = tmp_path.iterdir()
+def test_tiny_sweep_fills_every_field(service_run):
+    assert service_run.code == EXIT_OK, service_run.stderr
+    device_dir = service_run.folder
     report = json.loads((device_dir / "service.json").read_text())
     assert report["device"] and report["cpu"] and report["versions"]["lumireg"] and "server at" in report["target"]
     kinds = [(r["kind"], r["transport"], r["batch"], r["concurrency"]) for r in report["runs"]]
@@ -40,4 +40,15 @@ def test_tiny_sweep_fills_every_field(server, tmp_path, capsys):
     with (device_dir / "service.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(report["runs"])
     assert (device_dir / "service.png").stat().st_size > 10_000
-    assert "service / in-process" in capsys.readouterr().out
+    assert "service / in-process" in service_run.stdout
+
+
+def test_service_benchmark_without_a_server_is_unavailable(tmp_path, capsys):
+    url = f"127.0.0.1:{free_ports().grpc}"  # nothing listens there
+    assert main(["bench", "service", "--url", url, "--requests", "1", "--out", str(tmp_path)]) == EXIT_UNAVAILABLE
+    assert url in capsys.readouterr().err and not list(tmp_path.glob("*/service.json"))
+
+
+def test_service_benchmark_refuses_bad_options_before_sending(tmp_path, capsys):
+    assert main(["bench", "service", "--url", "127.0.0.1:1", "--batch-sizes", "0", "--out", str(tmp_path)]) == EXIT_USAGE
+    assert "--batch-sizes needs positive integers" in capsys.readouterr().err
