@@ -53,7 +53,7 @@ def read_pairs(path: Path, data_dir: Path | None) -> list[tuple[Path, Path, str,
 
 
 def _pair_target(out_dir: Path, fixed_name: str, moving_name: str, submission: bool, fp16: bool) -> Path:
-    from lumireg.evaluate.runner import case_names
+    from lumireg.contract import lumir_case_names as case_names
 
     names = case_names(fixed_name, moving_name)
     if submission:

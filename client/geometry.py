@@ -1,6 +1,6 @@
 """Bringing any 3-D brain MRI onto the model's canvas, and the model's answer back onto the caller's grids.
 
-Pure numpy, nibabel and scipy (no torch). Conventions, as in :mod:`lumireg.service.contract`:
+Pure numpy, nibabel and scipy (no torch). Conventions, as in :mod:`lumireg.contract`:
 
 - A volume is the NIfTI data array as stored, axes (i, j, k); an ``affine`` maps voxel indices to world (NIfTI
   RAS+) mm, as (4, 4). Voxel centres sit at integer indices.
@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lumireg.service.contract import CANVAS, CANVAS_SPACING_MM
+from lumireg.contract import CANVAS, CANVAS_SPACING_MM
 
 _CENTRE = (np.array(CANVAS, dtype=np.float64) - 1) / 2
 _SLAB_VOXELS = 1 << 21  # fixed-grid voxels per slab: keeps the float64 temporaries at ~50 MB each

@@ -27,7 +27,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from lumireg.service.contract import ENTRY_MODEL, OUTPUTS
+from lumireg.contract import ENTRY_MODEL, OUTPUTS
 
 OUTPUT_TYPES = {name: (triton_to_np_dtype(kind.removeprefix("TYPE_").replace("STRING", "BYTES")), dims)
                 for name, kind, dims in OUTPUTS}

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -46,10 +45,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lumireg import __version__
+from lumireg.contract import EXIT_OK, EXIT_USAGE, lumir_case_names
 from lumireg.evaluate import metrics
 
 METRICS = ("dice", "hd95", "tre", "ndv", "sdlogj")
-_IMAGE_NAME = re.compile(r"_(\d{4})_(\d{4})\.nii\.gz$")
 
 
 class EvaluationError(ValueError):
@@ -72,22 +71,9 @@ def _check_method(path, m) -> dict:
     return m
 
 
-def case_names(fixed: str, moving: str) -> tuple[str, str] | None:
-    """LUMIR's names for a pair of image paths ending in ``_XXXX_YYYY.nii.gz`` (ID, modality):
-    the case key ``"{fixedID}_{fixedMod}<--{movingID}_{movingMod}"`` and the field's file stem
-    ``disp_{fixedID}_{movingID}`` (``disp_{fixedID}_{fixedMod}_{movingID}_{movingMod}`` across modalities);
-    None if either path does not end that way."""
-    found = [_IMAGE_NAME.search(n) if isinstance(n, str) else None for n in (fixed, moving)]
-    if not all(found):
-        return None
-    (fix, fix_mod), (mov, mov_mod) = (f.groups() for f in found)
-    lazy = fix_mod == mov_mod or (fix_mod, mov_mod) == ("0000", "0001")
-    return f"{fix}_{fix_mod}<--{mov}_{mov_mod}", f"disp_{fix}_{mov}" if lazy else f"disp_{fix}_{fix_mod}_{mov}_{mov_mod}"
-
-
 def _check_pair(path, p) -> dict:
     names = [p.get(side) if isinstance(p, dict) else None for side in ("fixed", "moving")]
-    found = case_names(*names)
+    found = lumir_case_names(*names)
     if found is None:
         _fail(path, f"each eval pair needs 'fixed' and 'moving' image paths ending in _XXXX_YYYY.nii.gz, got {p!r}")
     return {"fixed": names[0], "moving": names[1], "key": found[0], "disp": found[1]}
@@ -271,15 +257,16 @@ def write_report(report: dict, path) -> None:
 def run(args) -> int:
     """``lumireg evaluate`` on ``args.input``, ``.data``, ``.config`` (a list), ``.output``, ``.quiet``.
 
-    Returns 0, or 1 after printing the :class:`EvaluationError` (naming the path).
+    Returns ``EXIT_OK``, or ``EXIT_USAGE`` after printing the :class:`EvaluationError`
+    (naming the path): the exit codes of :mod:`lumireg.contract`.
     """
     try:
         report = evaluate(args.input, args.data, args.config, progress=not args.quiet)
         write_report(report, args.output)
     except EvaluationError as exc:
         print(f"lumireg evaluate: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     for name, agg in report["aggregates"].items():
         print(f"{name:<28} mean {agg['mean']:.4f}  std {agg['std']:.4f}  30% {agg['30']:.4f}")
     print(f"{len(report['cases'])} cases -> {args.output}")
-    return 0
+    return EXIT_OK

@@ -10,7 +10,8 @@ The exported graph is what the service's ``lumireg_network`` model runs:
   (:meth:`LumiNet.velocity`); integration and warping stay in our Triton
   kernels, because ONNX has no 5-D grid sample before opset 20.
 
-The batch axis is dynamic, the spatial axes are the canvas. Opset 17
+The batch axis is dynamic, the spatial axes are fixed at export (the canvas
+for the service: a graph takes only the shape it was exported for). Opset 17
 (:data:`OPSET`): ONNX Runtime 1.31 and TensorRT 10 both run it. The graph is
 written by the TorchScript exporter (``dynamo=False``), which needs no extra
 package.
@@ -19,17 +20,16 @@ package.
 from __future__ import annotations
 
 import warnings
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lumireg.contract import CANVAS, NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME, PARITY_PAIR_FILE
 from lumireg.network.model import LumiNet
 
-from lumireg.service.contract import CANVAS
-
 OPSET = 17
-INPUTS, OUTPUT = ("fixed", "moving"), "velocity"
 PARITY_TOLERANCE = 1e-4  # max |ONNX - PyTorch| on the velocity, fp32, half-resolution voxels
 
 
@@ -55,25 +55,41 @@ def export_onnx(model: LumiNet, path: str | Path, shape: tuple[int, int, int] = 
         # the exporter warns about the deprecation of TorchScript and about our shape checks, traced as constants
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            VelocityGraph(model.eval()), (example, example), str(partial), input_names=list(INPUTS),
-            output_names=[OUTPUT], dynamic_axes={name: batch_axis for name in (*INPUTS, OUTPUT)},
+            VelocityGraph(model.eval()), (example, example), str(partial), input_names=list(NETWORK_INPUT_NAMES),
+            output_names=[NETWORK_OUTPUT_NAME],
+            dynamic_axes={name: batch_axis for name in (*NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME)},
             opset_version=OPSET, dynamo=False,
         )
     partial.replace(path)
     return path
 
 
+def template_pair(shape: tuple[int, int, int] = CANVAS) -> tuple[np.ndarray, np.ndarray]:
+    """The realistic pair of the parity check: ``uint8 (1, 1, *shape)`` fixed and moving brains.
+
+    Read from this package's ``parity_pair.npz`` (a held-out synthetic pair of
+    the MNI template at a coarser grid, written by
+    :func:`lumireg.train.fixtures.write_parity_pair`; package data, so serving
+    needs no training code) with each voxel repeated to fill ``shape``, which
+    must be a whole multiple of the stored grid (the canvas is: 2x).
+    """
+    with (files("lumireg.export") / PARITY_PAIR_FILE).open("rb") as handle, np.load(handle) as stored:
+        pair = tuple(stored[name] for name in NETWORK_INPUT_NAMES)
+    factors = [n // s for n, s in zip(shape, pair[0].shape[2:])]
+    if len(shape) != 3 or [f * s for f, s in zip(factors, pair[0].shape[2:])] != list(shape):
+        raise ValueError(f"the parity pair's grid {pair[0].shape[2:]} does not divide {tuple(shape)}")
+    for axis, factor in enumerate(factors, start=2):
+        pair = tuple(image.repeat(factor, axis) for image in pair)
+    return pair
+
+
 def parity_inputs(shape: tuple[int, int, int] = CANVAS, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The pairs every export is checked on: the MNI template against a held-out synthetic warp of it
-    (only at the canvas size) and uniform random bytes (batch of 2, so the dynamic axis is exercised)."""
+    """The pairs every export is checked on: the template pair (:func:`template_pair`; only at the canvas
+    size) and uniform random bytes (batch of 2, so the dynamic axis is exercised); ``uint8 (B, 1, *shape)``."""
     generator = np.random.default_rng(seed)
     pairs = {"random pair, batch 2": tuple(generator.integers(0, 256, (2, 1, *shape), dtype=np.uint8) for _ in range(2))}
     if tuple(shape) == CANVAS:
-        from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
-
-        pair = synthetic_pair(evaluation_seeds(1)[0], labels=False)
-        fixed, moving = (np.clip(np.rint(pair[k].numpy() * 255), 0, 255).astype(np.uint8)[None] for k in ("fixed", "moving"))
-        pairs = {"template pair": (fixed, moving), **pairs}
+        pairs = {"template pair": template_pair(shape), **pairs}
     return pairs
 
 
@@ -110,11 +126,11 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", device_id: int = 
     if device == "cuda":
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise RuntimeError("the network should run on CUDA but this onnxruntime has no CUDA execution provider; "
-                               "install lumireg[gpu] (onnxruntime-gpu) on GPU hosts")
+                               "replace onnxruntime with onnxruntime-gpu (same version) on GPU hosts")
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
     return onnxruntime.InferenceSession(str(path), options, providers=providers)
 
 
 def onnxruntime_runner(session):
     """``(fixed_u8, moving_u8) -> velocity`` numpy callable over an ONNX Runtime session."""
-    return lambda fixed, moving: session.run([OUTPUT], {"fixed": fixed, "moving": moving})[0]
+    return lambda fixed, moving: session.run([NETWORK_OUTPUT_NAME], dict(zip(NETWORK_INPUT_NAMES, (fixed, moving))))[0]

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lumireg.service.contract import ENTRY_MODEL, HALF_CANVAS, INPUTS, MAX_BATCH_SIZE, NETWORK_MODEL, OUTPUTS
+from lumireg.contract import (ENTRY_MODEL, INPUTS, MAX_BATCH_SIZE, NETWORK_INPUTS, NETWORK_MODEL, NETWORK_OUTPUT,
+                              ONNX_FILE, OUTPUTS, PLAN_FILE)
 
 VARIANTS = ("python", "onnx", "tensorrt")
-NETWORK_FILES = {"python": "model.onnx", "onnx": "model.onnx", "tensorrt": "model.plan"}
-CHECKPOINT_COPY = "model.pt"  # the exported weights, for the embedded server's PyTorch path on GPUs
-EXPORT_RECORD = "export.json"  # what was exported, beside the network file (written by lumireg.export.runner)
+NETWORK_FILES = {"python": ONNX_FILE, "onnx": ONNX_FILE, "tensorrt": PLAN_FILE}
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
 _HEADER = "# Written by lumireg.export.repository (`lumireg export`); edit that module, not this file.\n"
@@ -70,8 +69,8 @@ def network_config(variant: str) -> str:
                "tensorrt": 'platform: "tensorrt_plan"'}[variant]
     text = (
         _HEADER + f'name: "{NETWORK_MODEL}"\n{backend}\nmax_batch_size: {MAX_BATCH_SIZE}\n'
-        + _block("input", [_tensor(*spec[:3]) for spec in INPUTS if not spec[3]])  # the image pair
-        + _block("output", [_tensor("velocity", "TYPE_FP32", (3, *HALF_CANVAS))])
+        + _block("input", [_tensor(*spec) for spec in NETWORK_INPUTS])
+        + _block("output", [_tensor(*NETWORK_OUTPUT)])
     )
     if variant == "python":
         text += _parameters({"network_file": NETWORK_FILES[variant], "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})

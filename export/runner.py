@@ -19,6 +19,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from lumireg.contract import (CHECKPOINT_FILE, EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE,
+                              EXPORT_RECORD, ONNX_FILE)
 from lumireg.export import repository  # no torch: `lumireg --help` stays light
 
 
@@ -40,7 +42,7 @@ def export(checkpoint: str | Path | None = None, root: str | Path = repository.S
     start = time.perf_counter()
     if variant == "tensorrt":
         with tempfile.TemporaryDirectory() as scratch:
-            onnx_path = export_onnx(model, Path(scratch) / "model.onnx")
+            onnx_path = export_onnx(model, Path(scratch) / ONNX_FILE)
             tensorrt.build_plan(onnx_path, target, fp16=fp16)
         runner, tolerance = tensorrt.plan_runner(target), tensorrt.FP16_TOLERANCE if fp16 else PARITY_TOLERANCE
     else:
@@ -63,8 +65,8 @@ def export(checkpoint: str | Path | None = None, root: str | Path = repository.S
         "versions": {name: _version(name) for name in ("lumireg", "torch", "onnx", "onnxruntime", "tensorrt")},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    shutil.copyfile(checkpoint, target.parent / repository.CHECKPOINT_COPY)
-    (target.parent / repository.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.copyfile(checkpoint, target.parent / CHECKPOINT_FILE)
+    (target.parent / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     for name, difference in parity.items():
         log(f"parity, {name}: max |exported - PyTorch| velocity = {difference:.2e} half-res voxels (<= {tolerance:g})")
     return record
@@ -82,6 +84,9 @@ def _version(package: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``lumireg export``; returns an exit code of :mod:`lumireg.contract`: ``EXIT_MISSING_DEPENDENCY`` when
+    TensorRT or a GPU is missing, ``EXIT_USAGE`` for bad options or a missing checkpoint, ``EXIT_FAILURE`` when
+    the export or its parity check fails."""
     from lumireg.export.tensorrt import ExportUnavailable
 
     variant = "tensorrt" if args.trt else args.variant
@@ -89,12 +94,15 @@ def run(args: argparse.Namespace) -> int:
         record = export(args.checkpoint, args.repository, variant, fp16=args.fp16)
     except ExportUnavailable as exc:
         print(f"lumireg export: {exc}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return EXIT_MISSING_DEPENDENCY
+    except (ValueError, FileNotFoundError) as exc:
         print(f"lumireg export: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        print(f"lumireg export: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"exported {record['weights']} into {args.repository} ({variant} variant)")
-    return 0
+    return EXIT_OK
 
 
 def add_parser(sub) -> None:

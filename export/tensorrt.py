@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumireg.export.onnx import INPUTS, OUTPUT
-from lumireg.service.contract import MAX_BATCH_SIZE
+from lumireg.contract import MAX_BATCH_SIZE, NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME
 
 FP16_TOLERANCE = 0.05  # max |plan - PyTorch| on the velocity (half-resolution voxels) accepted for an fp16 plan
 
@@ -52,8 +51,8 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, fp16: bool = False)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    for name in INPUTS:
-        shape = tuple(network.get_input(INPUTS.index(name)).shape)[1:]
+    for index, name in enumerate(NETWORK_INPUT_NAMES):
+        shape = tuple(network.get_input(index).shape)[1:]
         profile.set_shape(name, (1, *shape), (1, *shape), (MAX_BATCH_SIZE, *shape))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
@@ -72,12 +71,12 @@ def plan_runner(plan_path: str | Path):
     context = engine.create_execution_context()
 
     def run(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
-        feeds = {name: torch.from_numpy(np.ascontiguousarray(a)).cuda() for name, a in zip(INPUTS, (fixed, moving))}
+        feeds = {name: torch.from_numpy(np.ascontiguousarray(a)).cuda() for name, a in zip(NETWORK_INPUT_NAMES, (fixed, moving))}
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty(tuple(context.get_tensor_shape(OUTPUT)), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(OUTPUT, out.data_ptr())
+        out = torch.empty(tuple(context.get_tensor_shape(NETWORK_OUTPUT_NAME)), dtype=torch.float32, device="cuda")
+        context.set_tensor_address(NETWORK_OUTPUT_NAME, out.data_ptr())
         stream = torch.cuda.current_stream()
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")

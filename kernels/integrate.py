@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from lumireg.contract import INTEGRATION_STEPS
 from lumireg.kernels._dispatch import check_volume, compute_dtype, use_triton
 from lumireg.kernels.warp import warp_backward, warp_forward, warp_torch
 
@@ -31,13 +32,14 @@ class SquaringStep(torch.autograd.Function):
         return grad_out + grad_image + grad_disp
 
 
-def integrate(velocity: torch.Tensor, steps: int = 7, backend: str = "auto") -> torch.Tensor:
+def integrate(velocity: torch.Tensor, steps: int = INTEGRATION_STEPS, backend: str = "auto") -> torch.Tensor:
     """Integrate a stationary velocity field by scaling and squaring.
 
     Args:
         velocity: ``(B, 3, D, H, W)`` stationary velocity in voxel units,
             channel k along array axis k (any float dtype).
-        steps: number of squarings (LUMIR convention: 7); 0 returns the velocity.
+        steps: number of squarings (default :data:`lumireg.contract.INTEGRATION_STEPS`, LUMIR's 7);
+            0 returns the velocity.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``lumireg.kernels``).
 
     Returns:

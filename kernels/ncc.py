@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from lumireg.contract import NCC_WINDOW
 from lumireg.kernels._dispatch import (
     check_same_grid,
     check_volume,
@@ -237,7 +238,7 @@ class LocalNCCFunction(torch.autograd.Function):
         )
 
 
-def local_ncc_torch(fixed: torch.Tensor, moving: torch.Tensor, window: int = 9) -> torch.Tensor:
+def local_ncc_torch(fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC_WINDOW) -> torch.Tensor:
     """The PyTorch twin of :func:`local_ncc`: separable box sums on ``F.avg_pool3d``.
 
     All five fields are boxed together, one pooling per axis; autograd gives the backward.
@@ -257,7 +258,7 @@ def local_ncc_torch(fixed: torch.Tensor, moving: torch.Tensor, window: int = 9) 
     return (cross * cross / (var_i * var_j + EPS)).mean(dim=(1, 2, 3, 4))
 
 
-def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, window: int = 9, backend: str = "auto") -> torch.Tensor:
+def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC_WINDOW, backend: str = "auto") -> torch.Tensor:
     """Mean local normalised cross-correlation of two images, per sample.
 
     VoxelMorph's NCC with zero padding: box sums over a ``window**3`` cube
@@ -268,7 +269,7 @@ def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, window: int = 9, backen
     Args:
         fixed: ``(B, C, D, H, W)`` floating volume (float16, bfloat16, float32 or float64).
         moving: ``(B, C, D, H, W)`` floating volume on the same grid and device.
-        window: odd side of the cubic window, in voxels (VoxelMorph: 9).
+        window: odd side of the cubic window, in voxels (default :data:`lumireg.contract.NCC_WINDOW`, VoxelMorph's 9).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``lumireg.kernels``).
 
     Returns:

@@ -1,7 +1,8 @@
 """The registration network: a symmetric, diffeomorphic U-Net in LUMIR's conventions.
 
 Images ``(B, 1, D, H, W)``, intensities in 0..1 (LUMIR's uint8 / 255), D, H, W
-divisible by 16 (LUMIR's 160 x 224 x 192 is). The network predicts a
+multiples of :data:`lumireg.contract.SIZE_MULTIPLE` (16; LUMIR's 160 x 224 x 192
+are). The network predicts a
 stationary velocity field, integrates it by scaling and squaring at half
 resolution and brings the displacement to full resolution:
 
@@ -10,14 +11,14 @@ resolution and brings the displacement to full resolution:
 - a decoder ``g`` sees the pair of feature stacks and returns to 1/2; the
   velocity is ``v = g(F, M) - g(M, F)``, so swapping the images gives exactly
   ``-v`` (inverse consistency by construction);
-- ``integrate(v, 7)`` at 1/2 resolution (``lumireg.kernels``: Triton on CUDA,
+- ``integrate(v, steps)`` at 1/2 resolution (``steps``:
+  :data:`lumireg.contract.INTEGRATION_STEPS` by default; ``lumireg.kernels``: Triton on CUDA,
   PyTorch on CPU), then x2 trilinear upsampling with the displacement scaled
   from half-resolution to full-resolution voxels. ``integrate(-v)`` gives the
   inverse at no extra network cost.
 
-Working at half resolution is what fits a CPU forward of one LUMIR pair in
-about a second on 2 cores (measured: 0.75 s for the velocity, 1.1 s with
-integration and upsampling, torch 2.13 on 2 Xeon cores).
+Working at half resolution is what keeps a CPU forward of one LUMIR pair
+short (the README's tables and ``benchmarks/results/`` have the figures).
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lumireg.contract import INTEGRATION_STEPS, check_size_multiple
 from lumireg.kernels import integrate
-
-MULTIPLE = 16  # input sizes must divide by this: four halvings
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,12 @@ class NetworkConfig:
     """What rebuilds a :class:`LumiNet`; stored in every checkpoint.
 
     ``channels``: encoder widths at 1/2, 1/4, 1/8, 1/16 of the input
-    resolution. ``steps``: scaling-and-squaring steps (LUMIR: 7).
+    resolution. ``steps``: scaling-and-squaring steps (default
+    :data:`lumireg.contract.INTEGRATION_STEPS`, LUMIR's 7).
     """
 
     channels: tuple[int, int, int, int] = (8, 16, 32, 32)
-    steps: int = 7
+    steps: int = INTEGRATION_STEPS
 
     def to_dict(self) -> dict:
         return {"channels": list(self.channels), "steps": self.steps}
@@ -64,7 +65,7 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
 
 
-def velocity_to_displacement(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+def velocity_to_displacement(velocity: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
     """Half-resolution velocity -> full-resolution displacement.
 
     Args:
@@ -146,7 +147,6 @@ def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
     for name, image in (("fixed", fixed), ("moving", moving)):
         if image.dim() != 5 or image.shape[1] != 1:
             raise ValueError(f"{name} must have shape (B, 1, D, H, W), got {tuple(image.shape)}")
-        if any(s % MULTIPLE for s in image.shape[2:]):
-            raise ValueError(f"{name}: every spatial size must be divisible by {MULTIPLE}, got {tuple(image.shape)}")
+        check_size_multiple(image.shape[2:], name)
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from lumireg.export.onnx import INPUTS, OUTPUT
+from lumireg.contract import NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME
 from lumireg.service.backend import error_response, input_tensor, instance_device, output_tensor
 from lumireg.service.pipeline import network_runner
 
@@ -37,8 +37,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                velocity = self.network(*(input_tensor(request, name, self.device) for name in INPUTS))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor(OUTPUT, velocity)]))
+                velocity = self.network(*(input_tensor(request, name, self.device) for name in NETWORK_INPUT_NAMES))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor(NETWORK_OUTPUT_NAME, velocity)]))
             except Exception as exc:  # an error answers this request; the model stays up for the next
                 responses.append(error_response(f"lumireg_network: {exc}"))
         return responses

@@ -23,12 +23,10 @@ import numpy as np
 import torch
 
 from lumireg import __version__
+from lumireg.contract import CHECKPOINT_FILE, INTEGRATION_STEPS, NCC_WINDOW, OUTPUT_NAMES
 from lumireg.evaluate.metrics import jacobian_determinant, ndv_percent
 from lumireg.kernels import local_ncc, warp
 from lumireg.network.model import velocity_to_displacement
-from lumireg.service.contract import OUTPUT_NAMES
-
-NCC_WINDOW = 9  # voxels, VoxelMorph's and the training loss's window
 
 
 class StageTimer:
@@ -52,7 +50,7 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
 
     Keys: ``ndv_percent`` (non-diffeomorphic volume in % of the moving image's
     nonzero voxels, LUMIR's definition: :func:`lumireg.evaluate.metrics.ndv_percent`),
-    ``ncc_before`` / ``ncc_after`` (mean local NCC, window 9, of fixed vs
+    ``ncc_before`` / ``ncc_after`` (mean local NCC, window :data:`~lumireg.contract.NCC_WINDOW`, of fixed vs
     moving and fixed vs warped; 1 = identical up to local affine intensity
     changes), ``jacobian_min`` (smallest central-difference Jacobian
     determinant; <= 0 means folding), ``model`` and ``version`` (lumireg's).
@@ -67,7 +65,7 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
         return [(ndv_percent(field, mask), float(jacobian_determinant(field).min()))
                 for field, mask in zip(fields, moving[:, 0])]
 
-    # beside the NCCs: ~10 % less wall time on 2 CPU cores (measured: 3.3 s against 3.7 s per LUMIR pair)
+    # the geometry beside the NCCs: the two overlap on a CPU with more than one core
     with ThreadPoolExecutor(1) as pool:
         geometry = pool.submit(folding)
         # on 0..1 intensities, as the training loss, so the 1e-5 guard of flat regions means the same
@@ -83,14 +81,14 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
 
 
 def postprocess(velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, wanted, *,
-                moving_labels: torch.Tensor | None = None, steps: int = 7, model: str = "lumireg",
+                moving_labels: torch.Tensor | None = None, steps: int = INTEGRATION_STEPS, model: str = "lumireg",
                 timer: StageTimer | None = None) -> dict:
     """The requested outputs of the ``lumireg`` model for a batch of pairs.
 
     Args:
         velocity: ``(B, 3, D/2, H/2, W/2)`` float32 network velocity (half-resolution voxels).
         fixed, moving: ``uint8 (B, 1, D, H, W)`` on the velocity's device.
-        wanted: output names (:data:`lumireg.service.contract.OUTPUT_NAMES`).
+        wanted: output names (:data:`lumireg.contract.OUTPUT_NAMES`).
         moving_labels: ``int32 (B, 1, D, H, W)``; needed for ``warped_labels``.
         steps: scaling-and-squaring steps (the network's).
         model: the weights' name for the QC report.
@@ -141,12 +139,11 @@ def network_runner(onnx_path: str | Path, device: torch.device):
     import onnxruntime
 
     from lumireg.export.onnx import VelocityGraph, onnxruntime_runner, onnxruntime_session
-    from lumireg.export.repository import CHECKPOINT_COPY
     from lumireg.network.checkpoint import load_model
 
     onnx_path = Path(onnx_path)
     if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        graph = VelocityGraph(load_model(onnx_path.parent / CHECKPOINT_COPY)).to(device)
+        graph = VelocityGraph(load_model(onnx_path.parent / CHECKPOINT_FILE)).to(device)
 
         def run_torch(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -162,7 +159,7 @@ def network_runner(onnx_path: str | Path, device: torch.device):
 
 
 def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, *,
-                        moving_labels: np.ndarray | None = None, device: str = "cpu", steps: int = 7,
+                        moving_labels: np.ndarray | None = None, device: str = "cpu", steps: int = INTEGRATION_STEPS,
                         model: str = "lumireg", timer: StageTimer | None = None) -> dict:
     """The service's computation without the service: numpy in, :func:`postprocess`'s dict out.
 

@@ -27,10 +27,9 @@ import torch
 import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
-from lumireg.export.onnx import INPUTS as IMAGES, OUTPUT as VELOCITY
-from lumireg.export.repository import EXPORT_RECORD
+from lumireg.contract import (ENTRY_MODEL, EXPORT_RECORD, INTEGRATION_STEPS, NETWORK_INPUT_NAMES as IMAGES,
+                              NETWORK_OUTPUT_NAME as VELOCITY, OUTPUT_NAMES)
 from lumireg.service.backend import Metrics, error_response, input_tensor, instance_device, output_tensor
-from lumireg.service.contract import ENTRY_MODEL, OUTPUT_NAMES
 from lumireg.service.pipeline import StageTimer, postprocess
 
 
@@ -46,7 +45,7 @@ class TritonPythonModel:
         record_path = Path(args["model_repository"]).parent / self.network_model / "1" / EXPORT_RECORD
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         self.weights = record.get("weights", "unknown weights (no export.json)")
-        self.steps = int(record.get("steps", 7))
+        self.steps = int(record.get("steps", INTEGRATION_STEPS))
         self.metrics = Metrics(ENTRY_MODEL)
 
     def _wanted(self, request, has_labels: bool) -> set[str]:

@@ -17,6 +17,7 @@ if TRITON_DEVICE == "cpu":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from lumireg.contract import intensities_to_uint8  # noqa: E402
 from lumireg.export.repository import SOURCE_REPOSITORY  # noqa: E402
 from lumireg.kernels import _dispatch  # noqa: E402
 from lumireg.service.runner import ensure_exported  # noqa: E402
@@ -74,8 +75,8 @@ def pair():
     from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
 
     sample = synthetic_pair(evaluation_seeds(3)[2])
-    as_u8 = lambda x: np.clip(np.rint(x.numpy() * 255), 0, 255).astype(np.uint8)[None]  # noqa: E731
-    return {"fixed": as_u8(sample["fixed"]), "moving": as_u8(sample["moving"]),
+    return {"fixed": intensities_to_uint8(sample["fixed"].numpy())[None],
+            "moving": intensities_to_uint8(sample["moving"].numpy())[None],
             "moving_labels": sample["moving_labels"].numpy().astype(np.int32)[None]}
 
 

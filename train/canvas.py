@@ -43,7 +43,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-CANVAS_SHAPE = (160, 224, 192)
+from lumireg.contract import CANVAS
+
 CROP_START = (18, 6, -17)
 TISSUES = ("csf", "gm", "wm")
 OCTANTS = tuple(
@@ -88,8 +89,8 @@ def _ball(radius: int) -> np.ndarray:
 
 def _to_canvas(volume: np.ndarray) -> np.ndarray:
     """Crop / zero-pad a template-grid volume onto the canvas: ``out[x] = volume[x + CROP_START]``."""
-    out = np.zeros(CANVAS_SHAPE, volume.dtype)
-    src = tuple(slice(max(s, 0), min(s + n, size)) for s, n, size in zip(CROP_START, CANVAS_SHAPE, volume.shape))
+    out = np.zeros(CANVAS, volume.dtype)
+    src = tuple(slice(max(s, 0), min(s + n, size)) for s, n, size in zip(CROP_START, CANVAS, volume.shape))
     dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, CROP_START))
     out[dst] = volume[src]
     return out
@@ -104,7 +105,7 @@ def brain_mask(p_gm: np.ndarray, p_wm: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def lumir_canvas() -> Canvas:
-    """The template brain on LUMIR's 160 x 224 x 192 canvas (built once per process, ~2 s).
+    """The template brain on LUMIR's 160 x 224 x 192 canvas (built once per process, then cached).
 
     Returns:
         A :class:`Canvas`; see the module docstring for the recipe and the label table.
@@ -124,7 +125,7 @@ def lumir_canvas() -> Canvas:
     affine = t1_img.affine @ np.block([[np.eye(3), np.array(CROP_START)[:, None]], [np.zeros((1, 3)), 1.0]])
     midline = int(round(-affine[0, 3]))
     centre = (midline, *(int(round(c)) for c in np.argwhere(mask).mean(0)[1:]))
-    ii, jj, kk = np.ogrid[tuple(slice(0, n) for n in CANVAS_SHAPE)]
+    ii, jj, kk = np.ogrid[tuple(slice(0, n) for n in CANVAS)]
     octant = 4 * (kk >= centre[2]) + 2 * (jj >= centre[1]) + (ii >= centre[0])
     labels = np.where(mask, 1 + 8 * tissue + octant, 0).astype(np.uint8)
 

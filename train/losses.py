@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from lumireg.contract import NCC_WINDOW
 from lumireg.kernels import local_ncc
 
 
-def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> torch.Tensor:
+def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = NCC_WINDOW) -> torch.Tensor:
     """``-local_ncc``: ``(B,)``, in [-1, 0]; VoxelMorph's NCC loss on the fused kernels."""
     return -local_ncc(fixed, warped, window)
 

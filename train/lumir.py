@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lumireg.train.canvas import CANVAS_SHAPE
+from lumireg.contract import CANVAS
 
 SPLITS = {"training": ("image",), "validation": ("fixed", "moving")}
 LABEL_KEYS = {"image": "label", "fixed": "fixed_label", "moving": "moving_label"}
@@ -99,7 +99,7 @@ class LumirPairs(Dataset):
         split: str = "training",
         seed: int = 0,
         length: int | None = None,
-        shape: Sequence[int] | None = CANVAS_SHAPE,
+        shape: Sequence[int] | None = CANVAS,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")

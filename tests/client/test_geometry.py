@@ -11,7 +11,7 @@ import torch
 from lumireg.client import geometry
 from lumireg.client.geometry import (Placement, canvas_affine_for, field_to_fixed_grid, is_native, itk_image,
                                      to_canvas, warp_to_fixed)
-from lumireg.service.contract import CANVAS
+from lumireg.contract import CANVAS
 
 CENTRE = (np.array(CANVAS) - 1) / 2
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lumireg.cli import main
+from lumireg.contract import EXIT_USAGE
 from lumireg.evaluate import EvaluationError, evaluate
 
 SHAPE = (12, 14, 16)
@@ -148,7 +149,7 @@ def test_missing_displacement_file_is_named(dataset, capsys):
     root, gt, disp, configs = dataset
     (disp / f"disp_{SUBJECTS[2]}_{SUBJECTS[1]}.npz").unlink()
     missing = disp / f"disp_{SUBJECTS[2]}_{SUBJECTS[1]}.nii.gz"
-    assert run_cli(gt, disp, configs, root / "m.json") == 1
+    assert run_cli(gt, disp, configs, root / "m.json") == EXIT_USAGE
     err = capsys.readouterr().err
     assert str(missing) in err and "missing" in err
     assert not (root / "m.json").exists()
@@ -162,7 +163,7 @@ def test_wrong_field_shape_is_named(dataset, capsys, suffix):
         np.savez(wrong, np.zeros((12, 14, 15, 3), np.float16))
     else:
         save(wrong, np.zeros((12, 14, 15, 3), np.float32))
-    assert run_cli(gt, disp, configs, root / "m.json") == 1
+    assert run_cli(gt, disp, configs, root / "m.json") == EXIT_USAGE
     err = capsys.readouterr().err
     assert str(wrong) in err and "(12, 14, 15, 3)" in err and "(12, 14, 16, 3)" in err
 
@@ -198,12 +199,12 @@ BROKEN = {
 def test_malformed_config_is_named(tmp_path, broken, capsys):
     gt, disp = build_dataset(tmp_path)
     configs = write_configs(tmp_path, segmentation=BROKEN[broken])
-    assert run_cli(gt, disp, configs, tmp_path / "m.json") == 1
+    assert run_cli(gt, disp, configs, tmp_path / "m.json") == EXIT_USAGE
     assert f"lumireg evaluate: {configs[0]}:" in capsys.readouterr().err
 
 
 def test_missing_config_is_named(tmp_path, capsys):
-    assert run_cli(tmp_path, tmp_path, [tmp_path / "nope.json"], tmp_path / "m.json") == 1
+    assert run_cli(tmp_path, tmp_path, [tmp_path / "nope.json"], tmp_path / "m.json") == EXIT_USAGE
     assert str(tmp_path / "nope.json") in capsys.readouterr().err
 
 

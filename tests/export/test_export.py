@@ -9,8 +9,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from lumireg.cli import main
+from lumireg.contract import CANVAS, EXIT_MISSING_DEPENDENCY, EXIT_USAGE, EXPORT_RECORD, INTEGRATION_STEPS
 from lumireg.export import repository
-from lumireg.export.onnx import check_parity, export_onnx, onnxruntime_runner, onnxruntime_session
+from lumireg.export.onnx import check_parity, export_onnx, onnxruntime_runner, onnxruntime_session, template_pair
 from lumireg.network.model import LumiNet, NetworkConfig
 
 SHAPE = (32, 32, 48)
@@ -48,14 +49,35 @@ def test_parity_check_rejects_a_wrong_export(small_model, tmp_path):
         check_parity(other.eval(), run, shape=SHAPE)
 
 
+def test_the_parity_pair_is_what_its_generator_writes():
+    from lumireg.train.fixtures import parity_pair
+
+    made = parity_pair()
+    fixed, moving = template_pair(CANVAS)
+    for name, shipped in (("fixed", fixed), ("moving", moving)):
+        assert shipped.shape == (1, 1, *CANVAS) and shipped.dtype == np.uint8
+        stored = shipped[:, :, ::2, ::2, ::2]  # each stored voxel fills a 2x2x2 block of the canvas
+        assert np.array_equal(np.repeat(np.repeat(np.repeat(stored, 2, 2), 2, 3), 2, 4), shipped), name
+        assert stored.shape == made[name].shape
+        # the same pair; float sums may differ across CPUs and move a voxel sitting on a half grey level by one
+        differs = stored != made[name]
+        assert np.abs(stored.astype(int) - made[name]).max() <= 1 and differs.mean() < 1e-4, (name, differs.sum())
+        assert 0.2 < (stored > 0).mean() < 0.4, "not a brain on its canvas"
+
+
+def test_the_parity_pair_fills_only_whole_multiples_of_its_grid():
+    with pytest.raises(ValueError, match="does not divide"):
+        template_pair((160, 224, 190))
+
+
 def test_the_set_up_export_passed_its_parity_check():
-    record_path = repository.network_path(repository.SOURCE_REPOSITORY).parent / repository.EXPORT_RECORD
+    record_path = repository.network_path(repository.SOURCE_REPOSITORY).parent / EXPORT_RECORD
     if not record_path.is_file():
         pytest.skip("run `make test` (or `lumireg export`) so set-up exports the bundled weights")
     record = json.loads(record_path.read_text())
     assert set(record["parity_max_abs_velocity"]) == {"template pair", "random pair, batch 2"}
     assert max(record["parity_max_abs_velocity"].values()) <= 1e-4
-    assert record["steps"] == 7 and record["opset"] == 17 and "lumireg-default" in record["weights"]
+    assert record["steps"] == INTEGRATION_STEPS and record["opset"] == 17 and "lumireg-default" in record["weights"]
 
 
 @pytest.mark.parametrize("variant", repository.VARIANTS)
@@ -90,11 +112,11 @@ def test_export_command_says_what_is_missing_for_tensorrt(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     if torch.cuda.is_available():
         pytest.skip("this host may build TensorRT plans")
-    assert main(["export", "--trt", "--repository", str(tmp_path)]) == 3
+    assert main(["export", "--trt", "--repository", str(tmp_path)]) == EXIT_MISSING_DEPENDENCY
     message = capsys.readouterr().err
     assert "TensorRT plan cannot be built here" in message and "CUDA GPU" in message
 
 
 def test_export_command_refuses_fp16_onnx(tmp_path, capsys):
-    assert main(["export", "--fp16", "--repository", str(tmp_path)]) == 2
+    assert main(["export", "--fp16", "--repository", str(tmp_path)]) == EXIT_USAGE
     assert "fp16 applies to TensorRT plans only" in capsys.readouterr().err

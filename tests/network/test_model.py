@@ -63,7 +63,7 @@ def test_parameter_count_is_as_documented():
 @pytest.mark.parametrize(
     "fixed_shape,moving_shape,message",
     [
-        ((1, 1, 32, 48, 60), (1, 1, 32, 48, 60), "divisible by 16"),
+        ((1, 1, 32, 48, 60), (1, 1, 32, 48, 60), "fixed: spatial sizes must be positive multiples of 16"),
         ((1, 2, 32, 48, 64), (1, 2, 32, 48, 64), r"\(B, 1, D, H, W\)"),
         ((1, 1, 32, 48, 64), (1, 1, 32, 48, 48), "same shape"),
     ],

@@ -12,7 +12,7 @@ from lumireg.benchmarks.serving import scrape, total
 from lumireg.client.transport import payload_inputs
 from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
 from lumireg.kernels import warp
-from lumireg.service.contract import OUTPUT_NAMES
+from lumireg.contract import OUTPUT_NAMES
 
 
 def infer(client, outputs, **arrays):

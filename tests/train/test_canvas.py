@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lumireg.train.canvas import CANVAS_SHAPE, CROP_START, LABELS, TISSUES, lumir_canvas, template_path
+from lumireg.contract import CANVAS
+from lumireg.train.canvas import CROP_START, LABELS, TISSUES, lumir_canvas, template_path
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +14,8 @@ def canvas():
 
 
 def test_canvas_has_lumir_shape_and_uint8_intensities(canvas):
-    assert CANVAS_SHAPE == (160, 224, 192)
-    assert canvas.image.shape == canvas.labels.shape == canvas.mask.shape == CANVAS_SHAPE
+    assert CANVAS == (160, 224, 192)
+    assert canvas.image.shape == canvas.labels.shape == canvas.mask.shape == CANVAS
     assert canvas.image.dtype == np.uint8 and canvas.mask.dtype == bool
     assert canvas.image.max() == 255
     # the robust maximum maps to 255: only a sliver of the brain saturates
@@ -28,7 +29,7 @@ def test_canvas_background_is_zero_outside_the_mask(canvas):
 
 def test_brain_is_centred_and_never_cut_by_the_canvas(canvas):
     voxels = np.argwhere(canvas.mask)
-    centre = (np.array(CANVAS_SHAPE) - 1) / 2
+    centre = (np.array(CANVAS) - 1) / 2
     box_centre = (voxels.min(0) + voxels.max(0)) / 2
     assert np.abs(box_centre - centre).max() <= 1.0, box_centre
     assert np.abs(voxels.mean(0) - centre).max() < 8.0, voxels.mean(0)
@@ -47,7 +48,7 @@ def test_labels_cover_exactly_the_mask(canvas):
 def test_label_table_matches_the_label_volume(canvas):
     assert sorted(LABELS) == list(range(1, 25)) and len(set(LABELS.values())) == 24
     assert set(np.unique(canvas.labels)) == {0, *LABELS}
-    i, j, k = np.indices(CANVAS_SHAPE, sparse=True)
+    i, j, k = np.indices(CANVAS, sparse=True)
     sides = {
         "left": i < canvas.centre[0], "right": i >= canvas.centre[0],
         "posterior": j < canvas.centre[1], "anterior": j >= canvas.centre[1],
@@ -58,7 +59,7 @@ def test_label_table_matches_the_label_volume(canvas):
         region = canvas.labels == label
         assert tissue in TISSUES and region.sum() > 10_000, name
         for side in where:
-            assert not (region & ~np.broadcast_to(sides[side], CANVAS_SHAPE)).any(), f"{name} outside {side}"
+            assert not (region & ~np.broadcast_to(sides[side], CANVAS)).any(), f"{name} outside {side}"
 
 
 def test_tissue_labels_follow_t1_contrast(canvas):
@@ -84,7 +85,7 @@ def test_affine_is_1mm_and_overlays_the_template(canvas):
     assert np.array_equal(shift[:3], CROP_START)
     t1 = np.asarray(template.dataobj, dtype=np.float64)
     lo = np.maximum(CROP_START, 0)
-    hi = np.minimum(np.add(CROP_START, CANVAS_SHAPE), t1.shape)
+    hi = np.minimum(np.add(CROP_START, CANVAS), t1.shape)
     same = canvas.image[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, CROP_START))].astype(np.float64)
     t1 = t1[tuple(slice(a, b) for a, b in zip(lo, hi))]
     inside = same > 0
