@@ -1,7 +1,8 @@
 """The ``lumireg`` command line: one console script, one subcommand per job.
 
 Subcommands import their modules only when they run, so ``lumireg --help``
-and the client's ``register`` never pay for torch.
+and the client's ``register`` never pay for torch. Every command exits with a
+code of :data:`lumireg.contract.EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 
 from lumireg import __version__
+from lumireg.contract import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 def _evaluate(args: argparse.Namespace) -> int:
     from lumireg.evaluate import runner
@@ -30,9 +32,9 @@ def _train(args: argparse.Namespace) -> int:
         model = train(config, args.out, resume=args.resume, device=args.device, command=["lumireg", *sys.argv[1:]])
     except (ValueError, FileNotFoundError) as exc:
         print(f"lumireg train: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"trained weights: {model}")
-    return 0
+    return EXIT_OK
 
 
 def _add_train(sub) -> None:
@@ -93,4 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"lumireg {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -6,12 +6,17 @@ import argparse
 import signal
 import sys
 
+from lumireg.contract import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from lumireg.export import repository
 from lumireg.service.server import EmbeddedServer, Ports, ServerError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C, but is the normal way to stop a server (exit code EXIT_OK)."""
+
+
 def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 def ensure_exported(root, log=print) -> None:
@@ -24,6 +29,9 @@ def ensure_exported(root, log=print) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``lumireg serve`` until SIGTERM (``EXIT_OK``) or Ctrl-C (``EXIT_INTERRUPTED``); ``EXIT_USAGE`` when the
+    server cannot start (a port in use, not a model repository, no tritonserver: the message says which),
+    ``EXIT_FAILURE`` when it exits by itself. Exit codes of :mod:`lumireg.contract`."""
     ports = Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     server = EmbeddedServer(args.repository, host=args.host, ports=ports, verbose=args.log_verbose)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -34,13 +42,16 @@ def run(args: argparse.Namespace) -> int:
               f"(HTTP {server.http_url}, metrics {server.metrics_url}); Ctrl-C stops it", flush=True)
         code = server.wait()
         print(f"lumireg serve: tritonserver exited with code {code}", file=sys.stderr)
-        return code or 1
+        return EXIT_FAILURE
     except ServerError as exc:
         print(f"lumireg serve: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return EXIT_USAGE
+    except _Terminated:
         print("lumireg serve: stopping", file=sys.stderr, flush=True)
-        return 0
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("lumireg serve: interrupted, stopping", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         server.stop()
 
