@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from lumireg.contract import EXIT_INTERRUPTED, EXIT_OK
 from lumireg.export.repository import SOURCE_REPOSITORY
 from lumireg.service.server import EmbeddedServer, ServerError, free_ports, port_in_use
 
@@ -34,7 +35,9 @@ def test_a_broken_repository_reports_the_server_log(tmp_path):
     assert "failed to read text proto" in str(error.value).split("its errors")[1]
 
 
-def test_serve_prints_its_endpoint_and_stops_cleanly_on_sigterm(server):
+@pytest.mark.parametrize("stop,code", [(signal.SIGTERM, EXIT_OK), (signal.SIGINT, EXIT_INTERRUPTED)],
+                         ids=["sigterm", "ctrl-c"])
+def test_serve_prints_its_endpoint_and_stops_cleanly(server, stop, code):
     ports = free_ports()
     command = [sys.executable, "-m", "lumireg", "serve", "--grpc-port", str(ports.grpc),
                "--http-port", str(ports.http), "--metrics-port", str(ports.metrics)]
@@ -48,8 +51,8 @@ def test_serve_prints_its_endpoint_and_stops_cleanly_on_sigterm(server):
                 break
         assert f"grpc://127.0.0.1:{ports.grpc}" in line, line
         assert port_in_use("127.0.0.1", ports.grpc)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        process.send_signal(stop)
+        assert process.wait(60) == code
         assert not any(port_in_use("127.0.0.1", port) for port in (ports.grpc, ports.http, ports.metrics))
     finally:
         if process.poll() is None:
