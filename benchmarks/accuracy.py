@@ -1,16 +1,24 @@
-"""Accuracy benchmark: lumireg against no registration and ANTs SyN on held-out synthetic pairs.
+"""Accuracy benchmark: lumireg against no registration and ANTs SyN on two sets of held-out pairs.
 
-``lumireg bench accuracy`` registers pairs made from the reserved evaluation
-seeds (never seen in training; labels: the template's 24 tissue x region
-labels) with each method, on this machine's CPU, and scores every resulting
-pull-back displacement with the LUMIR metrics of ``lumireg.evaluate``: Dice
-and HD95 (voxels) over the labels warped with nearest neighbour, NDV in % of
-the moving image's nonzero voxels, SDlogJ, and seconds per pair.
+``lumireg bench accuracy`` registers the pairs of each set with each method,
+on this machine's CPU, and scores every resulting pull-back displacement with
+the LUMIR metrics of ``lumireg.evaluate``: Dice and HD95 (voxels) over the
+set's labels warped with nearest neighbour, NDV in % of the moving image's
+nonzero voxels, SDlogJ, and seconds per pair. The sets (:data:`SETS`):
 
-Each method's rows go to ``<out>/<device>/accuracy-<method>.json`` so a slow
-baseline (SyN takes minutes per pair) runs once while lumireg is re-measured
-after every training; each run then rebuilds ``accuracy.json`` (the table of
-every method present) and ``accuracy.png`` (one pair: images, lumireg's
+- ``synthetic``: the training generator's reserved evaluation seeds (never
+  seen in training, but drawn from the very family the network learnt;
+  labels: the template's 24 octant x tissue labels);
+- ``independent``: :mod:`lumireg.benchmarks.independent_pairs`, a generator
+  that shares no code with training (B-spline warps, another contrast model,
+  54 tissue x 3 x 3 x 2 parcel labels), so a network cannot have learnt its
+  family: the set to believe.
+
+Each set's and method's rows go to ``<out>/<device>/accuracy-<method>.json``
+(synthetic) or ``accuracy-<set>-<method>.json`` so a slow baseline (SyN takes
+minutes per pair) runs once while lumireg is re-measured after every
+training; each run then rebuilds ``accuracy.json`` (the table of every set and
+method present) and ``accuracy.png`` (per set, one pair: images, lumireg's
 warped image and its Jacobian determinant).
 """
 
@@ -39,6 +47,11 @@ from lumireg.evaluate import (
 
 METHODS = ("none", "syn", "lumireg")
 METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
+SETS = {  # name -> where its pairs come from
+    "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
+    "independent": "lumireg.benchmarks.independent_pairs (B-spline warps, tissue-mixture contrast, Rician noise; "
+                   "no code shared with training); 54 tissue x 3x3x2 parcel labels",
+}
 
 
 def _register_none(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
@@ -77,7 +90,7 @@ REGISTER = {"none": _register_none, "syn": _register_syn, "lumireg": _register_l
 
 
 def score(disp: np.ndarray, sample: dict, labels: list[int]) -> dict:
-    """LUMIR metrics of a ``(3, D, H, W)`` voxel pull-back ``disp`` on one synthetic pair."""
+    """LUMIR metrics of a ``(3, D, H, W)`` voxel pull-back ``disp`` on one pair (a :func:`pair_set` sample)."""
     field = as_channels_last(disp)
     fixed_labels = sample["fixed_labels"][0].numpy()
     moving_labels = sample["moving_labels"][0].numpy()
@@ -96,7 +109,8 @@ def _summary(rows: list[dict]) -> dict:
             for m in METRICS}
 
 
-def _figure(sample: dict, disp: np.ndarray, path: Path) -> None:
+def _figure(shown: dict, path: Path) -> None:
+    """One row per set in ``shown`` (``{set: (sample, disp)}``): images, lumireg's warped moving image, Jacobian."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,34 +119,140 @@ def _figure(sample: dict, disp: np.ndarray, path: Path) -> None:
 
     from lumireg.kernels import warp
 
-    fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
-    warped = warp(sample["moving"][None], torch.from_numpy(disp)[None])[0, 0].numpy()
-    jac = jacobian_determinant(as_channels_last(disp))
-    k = fixed.shape[2] // 2  # an axial slice through the middle of the brain
-    panels = [("fixed", fixed), ("moving", moving), ("lumireg: warped moving", warped),
-              ("|fixed - moving|", np.abs(fixed - moving)), ("|fixed - warped|", np.abs(fixed - warped))]
-    fig, axes = plt.subplots(1, 6, figsize=(18, 3.6), dpi=100)
-    for ax, (title, image) in zip(axes, panels):
-        ax.imshow(np.rot90(image[:, :, k]), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-    shown = axes[5].imshow(np.rot90(jac[:, :, k]), cmap="RdBu_r", vmin=0, vmax=2)
-    axes[5].set_title("Jacobian determinant", fontsize=9)
-    fig.colorbar(shown, ax=axes[5], fraction=0.046)
-    for ax in axes:
-        ax.axis("off")
+    fig, rows = plt.subplots(len(shown), 6, figsize=(18, 3.6 * len(shown)), dpi=100, squeeze=False)
+    for axes, (set_name, (sample, disp)) in zip(rows, shown.items()):
+        fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
+        warped = warp(sample["moving"][None], torch.from_numpy(disp)[None])[0, 0].numpy()
+        jac = jacobian_determinant(as_channels_last(disp))
+        k = fixed.shape[2] // 2  # an axial slice through the middle of the brain
+        panels = [(f"{set_name}: fixed", fixed), ("moving", moving), ("lumireg: warped moving", warped),
+                  ("|fixed - moving|", np.abs(fixed - moving)), ("|fixed - warped|", np.abs(fixed - warped))]
+        for ax, (title, image) in zip(axes, panels):
+            ax.imshow(np.rot90(image[:, :, k]), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=9)
+        jacobian = axes[5].imshow(np.rot90(jac[:, :, k]), cmap="RdBu_r", vmin=0, vmax=2)
+        axes[5].set_title("Jacobian determinant", fontsize=9)
+        fig.colorbar(jacobian, ax=axes[5], fraction=0.046)
+        for ax in axes:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def _print_table(table: dict) -> None:
-    print(f"{'method':<9} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} {'s/pair':>8}")
-    for method, entry in table.items():
-        s = entry["summary"]
-        print(f"{method:<9} {entry['pairs']:>5} "
-              + " ".join(f"{s[m]['mean']:>7.4f}±{s[m]['std']:<7.4f}" for m in ("dice", "hd95"))
-              + f" {s['ndv_percent']['mean']:>8.5f}±{s['ndv_percent']['std']:<8.5f}"
-              + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}")
+    """One table, a section per set: ``table`` is ``{set: {"methods": {method: entry}}}``."""
+    print(f"{'set':<12} {'method':<9} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} "
+          f"{'s/pair':>8}")
+    for set_name, entries in table.items():
+        for method, entry in entries["methods"].items():
+            s = entry["summary"]
+            print(f"{set_name:<12} {method:<9} {entry['pairs']:>5} "
+                  + " ".join(f"{s[m]['mean']:>7.4f}±{s[m]['std']:<7.4f}" for m in ("dice", "hd95"))
+                  + f" {s['ndv_percent']['mean']:>8.5f}±{s['ndv_percent']['std']:<8.5f}"
+                  + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}")
+
+
+def set_labels(name: str) -> list[int]:
+    """The label values scored on set ``name`` (:data:`SETS`), background excluded."""
+    if name == "synthetic":
+        from lumireg.train.canvas import LABELS
+    elif name == "independent":
+        from lumireg.benchmarks.independent_pairs import LABELS
+    else:
+        raise ValueError(f"unknown set {name!r}; sets: {', '.join(SETS)}")
+    return sorted(LABELS)
+
+
+def pair_set(name: str, pairs: int, shape: tuple[int, int, int] | None = None) -> list:
+    """``pairs`` loaders of the first pairs of set ``name`` (:data:`SETS`), each a no-argument callable.
+
+    A loader returns a sample as ``lumireg.train.data`` defines it, as CPU
+    tensors: ``"fixed"``, ``"moving"`` ``(1, D, H, W)`` float32 in 0..1;
+    ``"fixed_labels"``, ``"moving_labels"`` ``(1, D, H, W)`` int32; ``"seed"``.
+    ``shape``: ``(D, H, W)`` voxels, ``None`` for LUMIR's 160 x 224 x 192 at 1 mm.
+    """
+    set_labels(name)  # refuses an unknown set
+    if name == "synthetic":
+        from lumireg.train.data import SyntheticPairs, evaluation_seeds
+
+        dataset = SyntheticPairs(evaluation_seeds(pairs), shape=shape, split="eval", labels=True)
+        return [lambda i=i: dataset[i] for i in range(pairs)]
+    import torch
+
+    from lumireg.benchmarks.independent_pairs import independent_pair
+
+    def load(index: int) -> dict:  # the generator is numpy-only; the harness and its figure take tensors
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                for k, v in independent_pair(index, shape).items()}
+
+    return [lambda i=i: load(i) for i in range(pairs)]
+
+
+def _result_file(set_name: str, method: str) -> str:
+    # the synthetic set keeps the file names it had before there were two sets
+    return f"accuracy-{method}.json" if set_name == "synthetic" else f"accuracy-{set_name}-{method}.json"
+
+
+def benchmark(methods, pairs: int, out: Path, shape: tuple[int, int, int] | None = None, model=None,
+              checkpoint: str | None = None, sets=tuple(SETS)) -> dict:
+    """Register ``pairs`` pairs of each of ``sets`` with each of ``methods``; write the results under ``out``.
+
+    Args:
+        methods: names from :data:`METHODS`.
+        pairs: pairs per set (the first ``pairs`` of each: seeds ``EVAL_SEED_START + k``, indices ``k``).
+        out: the device folder; gets ``accuracy-[<set>-]<method>.json`` per set and method run,
+            ``accuracy.json`` (every set and method present there) and ``accuracy.png`` (when lumireg ran).
+        shape: ``(D, H, W)`` voxels of the pairs; ``None``: LUMIR's canvas at 1 mm.
+        model: the network, needed for method ``lumireg``; ``checkpoint``: its name in the results.
+        sets: names from :data:`SETS`, in the order to run.
+
+    Returns:
+        The ``accuracy.json`` content: header, ``units``, ``sets: {set: {"pairs_from", "labels", "methods":
+        {method: {"pairs", "shape", "summary": {metric: {"mean", "std"}}, ...}}}}``.
+    """
+    shown = {}
+    for set_name in sets:
+        labels, loaders = set_labels(set_name), pair_set(set_name, pairs, shape)
+        rows = {method: [] for method in methods}
+        for load in tqdm(loaders, desc=set_name, unit="pair"):
+            sample = load()  # once per pair: every method registers the same images
+            fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
+            for method in methods:
+                started = time.perf_counter()
+                disp = REGISTER[method](fixed, moving, model)
+                seconds = time.perf_counter() - started
+                rows[method].append({"seed": int(sample["seed"]), **score(disp, sample, labels), "seconds": seconds})
+                if method == "lumireg" and set_name not in shown:
+                    shown[set_name] = (sample, disp)
+        for method in methods:
+            result = {**header("accuracy", f"cpu {cpu_model()}"), "set": set_name, "method": method,
+                      "checkpoint": str(checkpoint or "bundled default") if method == "lumireg" else None,
+                      "shape": list(sample["fixed"].shape[1:]), "pairs": len(rows[method]),
+                      "summary": _summary(rows[method]), "rows": rows[method]}
+            (out / _result_file(set_name, method)).write_text(json.dumps(result, indent=1) + "\n")
+    table = {}
+    for set_name in SETS:
+        entries = {}
+        for method in METHODS:
+            path = out / _result_file(set_name, method)
+            if path.exists():
+                entry = json.loads(path.read_text())
+                entry.setdefault("commit", entry.get("lumireg_commit"))  # files written before the common header
+                entries[method] = {k: entry.get(k) for k in ("pairs", "shape", "summary", "device", "commit", "date",
+                                                             "checkpoint")}
+        if entries:
+            table[set_name] = {"pairs_from": SETS[set_name], "labels": len(set_labels(set_name)), "methods": entries}
+    units = {"dice": "fraction, mean over the set's labels", "hd95": "voxels (1 mm at the default shape)",
+             "ndv_percent": "% of moving mask", "sdlogj": "std of log Jacobian determinant",
+             "seconds": "wall seconds per pair, this CPU"}
+    summary = {**header("accuracy", f"cpu {cpu_model()}"), "units": units, "sets": table}
+    (out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if shown:
+        _figure(shown, out / "accuracy.png")
+    _print_table(table)
+    print(f"\nwrote {out}/accuracy.json")
+    return summary
 
 
 def add_arguments(parser) -> None:
@@ -144,26 +264,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shape", help="volume size D,H,W in voxels (default: LUMIR's canvas, 160,224,192 at 1 mm)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"pair sets (default: {','.join(SETS)})")
 
 
 def run(args) -> int:
-    """``lumireg bench accuracy``: register ``args.pairs`` held-out pairs with ``args.methods``; EXIT_OK on success,
-    EXIT_USAGE for bad options, EXIT_MISSING_DEPENDENCY for method ``syn`` without antspyx."""
+    """``lumireg bench accuracy``: register ``args.pairs`` pairs of each of ``args.sets`` with ``args.methods``;
+    EXIT_OK on success, EXIT_USAGE for bad options, EXIT_MISSING_DEPENDENCY for method ``syn`` without antspyx."""
     from lumireg.network import load_model
-    from lumireg.train.data import LABELS, SyntheticPairs, evaluation_seeds
 
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]
+    sets = [s.strip() for s in (getattr(args, "sets", None) or ",".join(SETS)).split(",")]
     try:
         shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None  # None: the 1 mm canvas
-        if unknown or args.pairs < 1 or (shape and len(shape) != 3):
+        if unknown or args.pairs < 1 or (shape and len(shape) != 3) or not set(sets) <= set(SETS):
             raise ValueError
         if shape and "lumireg" in methods:
             check_size_multiple(shape, "--shape")
     except ValueError as exc:
         why = f"{exc}; " if str(exc) else ""
-        print(f"lumireg bench accuracy: {why}need --methods from {','.join(METHODS)}, --pairs >= 1 and --shape D,H,W; "
-              f"got {args.methods!r}, {args.pairs}, {args.shape!r}", file=sys.stderr)
+        print(f"lumireg bench accuracy: {why}need --methods from {','.join(METHODS)}, --sets from {','.join(SETS)}, "
+              f"--pairs >= 1 and --shape D,H,W; got {args.methods!r}, {','.join(sets)!r}, {args.pairs}, "
+              f"{args.shape!r}", file=sys.stderr)
         return EXIT_USAGE
     if "syn" in methods and find_spec("ants") is None:
         print("lumireg bench accuracy: method syn (ANTs SyN) needs antspyx: pip install 'lumireg[bench]', "
@@ -176,38 +298,5 @@ def run(args) -> int:
         return EXIT_USAGE
     out = Path(args.out) / slug(f"cpu {cpu_model()}")
     out.mkdir(parents=True, exist_ok=True)
-    pairs = SyntheticPairs(evaluation_seeds(args.pairs), shape=shape, split="eval", labels=True)
-    labels = sorted(LABELS)
-    shown = None
-    for method in methods:
-        rows = []
-        for i in tqdm(range(len(pairs)), desc=method, unit="pair"):
-            sample = pairs[i]
-            fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
-            started = time.perf_counter()
-            disp = REGISTER[method](fixed, moving, model)
-            seconds = time.perf_counter() - started
-            rows.append({"seed": int(sample["seed"]), **score(disp, sample, labels), "seconds": seconds})
-            if method == "lumireg" and shown is None:
-                shown = (sample, disp)
-        result = {**header("accuracy", f"cpu {cpu_model()}"), "method": method,
-                  "checkpoint": str(args.checkpoint or "bundled default") if method == "lumireg" else None,
-                  "shape": list(sample["fixed"].shape[1:]), "pairs": len(rows), "summary": _summary(rows), "rows": rows}
-        (out / f"accuracy-{method}.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = {}
-    for method in METHODS:
-        path = out / f"accuracy-{method}.json"
-        if path.exists():
-            entry = json.loads(path.read_text())
-            entry.setdefault("commit", entry.get("lumireg_commit"))  # files written before the common header
-            table[method] = {k: entry.get(k) for k in ("pairs", "shape", "summary", "device", "commit", "date",
-                                                       "checkpoint")}
-    units = {"dice": "fraction, mean over the 24 labels", "hd95": "voxels (1 mm)", "ndv_percent": "% of moving mask",
-             "sdlogj": "std of log Jacobian determinant", "seconds": "wall seconds per pair, this CPU"}
-    summary = {**header("accuracy", f"cpu {cpu_model()}"), "units": units, "methods": table}
-    (out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if shown is not None:
-        _figure(*shown, out / "accuracy.png")
-    _print_table(table)
-    print(f"\nwrote {out}/accuracy.json")
+    benchmark(methods, args.pairs, out, shape, model, args.checkpoint, sets=tuple(dict.fromkeys(sets)))
     return EXIT_OK
