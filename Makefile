@@ -23,7 +23,7 @@ serve: $(NETWORK)
 
 ## bench: time the Triton kernels against the PyTorch reference paths
 bench: $(STAMP)
-	$(VENV)/bin/lumireg bench --kernels
+	$(VENV)/bin/lumireg bench kernels
 
 ## test: run the test suite (CPU; the Triton kernels run under TRITON_INTERPRET=1)
 test: $(STAMP) $(NETWORK)

@@ -11,10 +11,10 @@
 #      alone over what is there and pip-install only what is missing;
 #   2. record the environment (nvidia-smi, versions, commit); stop if torch sees no GPU;
 #   3. python -m pytest tests/kernels -q  (tests/conftest.py puts the Triton kernels on CUDA);
-#   4. lumireg bench --kernels at LUMIR's full size (extra options: BENCH_ARGS="--repeats 20");
+#   4. lumireg bench kernels at LUMIR's full size (extra options: BENCH_ARGS="--repeats 20");
 #   5. the GPU serving path: the embedded server's tests (models on the GPU, post-processing in the
 #      Triton kernels on CUDA tensors), the client's tests, and `make serve`'s export;
-#   6. lumireg bench (the service sweep, B=1..8, C=1..8) and a 60 s load test at 20 requests/s.
+#   6. lumireg bench service (the sweep, B=1..8, C=1..8) and lumireg bench load (60 s at 20 requests/s).
 # Steps 5-6 need nvidia-pytriton (and onnx, onnxruntime, tritonclient, nibabel, scipy, prometheus-client);
 # on a machine without a registry, put their wheels in ./wheels and carry that folder.
 # Logs and the benchmark JSON go to $OUT when set (the device tool fetches it),
@@ -64,7 +64,7 @@ step "3. kernel tests on CUDA" | tee "$LOGS/pytest.log"
 
 step "4. kernel benchmark, full size" | tee "$LOGS/bench.log"
 # shellcheck disable=SC2086  # BENCH_ARGS is split on purpose
-"$PY" -m lumireg bench --kernels --out benchmarks/results ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGS/bench.log" || status=1
+"$PY" -m lumireg bench kernels --out benchmarks/results ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGS/bench.log" || status=1
 json=$(sed -n 's/^wrote //p' "$LOGS/bench.log" | tail -n 1)
 if [ -n "${OUT:-}" ] && [ -f "$json" ]; then
     cp "$json" "$OUT/kernels-$(basename "$(dirname "$json")").json"
@@ -76,8 +76,8 @@ if "$PY" -c 'import pytriton, onnxruntime, tritonclient.grpc, nibabel, prometheu
     "$PY" -m pytest tests/service tests/client tests/export tests/benchmarks -q 2>&1 | tee -a "$LOGS/serving.log" || status=1
 
     step "6. service benchmark and load test" | tee "$LOGS/service-bench.log"
-    "$PY" -m lumireg bench --out benchmarks/results 2>&1 | tee -a "$LOGS/service-bench.log" || status=1
-    "$PY" -m lumireg bench --load --rate 20 --duration 60 --out benchmarks/results 2>&1 \
+    "$PY" -m lumireg bench service --out benchmarks/results 2>&1 | tee -a "$LOGS/service-bench.log" || status=1
+    "$PY" -m lumireg bench load --rate 20 --duration 60 --out benchmarks/results 2>&1 \
         | tee -a "$LOGS/service-bench.log" || status=1
     if [ -n "${OUT:-}" ]; then cp -r benchmarks/results "$OUT/results" 2>/dev/null || true; fi
 else

@@ -14,7 +14,7 @@ OPTIONS = {  # every option each subcommand takes, and no other
     "service": {"--url", "--metrics-url", "--batch-sizes", "--concurrency", "--requests", "--warmup", "--out"},
     "load": {"--url", "--metrics-url", "--rate", "--duration", "--outputs", "--bad-request-every", "--out"},
     "kernels": {"--device", "--shape", "--batch-sizes", "--warmup", "--repeats", "--out"},
-    "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--out"},
+    "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--out"},
 }
 
 
