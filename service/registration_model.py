@@ -14,6 +14,13 @@ For each batch of requests (Triton's dynamic batcher gathers up to 8 pairs):
 
 A request that names no outputs gets all of them, less ``warped_labels`` when
 it sent no ``moving_labels``.
+
+Errors are answered with a Triton error code that the client acts on
+(``pb_utils.TritonError``; the gRPC status it becomes in brackets):
+``INVALID_ARG`` (INVALID_ARGUMENT) for a request that cannot be served as
+sent, not to be retried; ``UNAVAILABLE`` (UNAVAILABLE) while the network model
+is not loaded (the server is starting or stopping), to be retried;
+``INTERNAL`` (INTERNAL) for anything else. The model stays up either way.
 """
 
 from __future__ import annotations
@@ -33,8 +40,22 @@ from lumireg.service.backend import Metrics, error_response, input_tensor, insta
 from lumireg.service.pipeline import StageTimer, postprocess
 
 
-class NetworkUnavailable(RuntimeError):
-    """The network model cannot answer now (server shutting down or starting); the client should retry."""
+class RequestError(Exception):
+    """A request answered with an error; ``code`` names its ``pb_utils.TritonError`` code, ``reason`` its metric."""
+
+    code, reason = "INTERNAL", "internal"
+
+
+class BadRequest(RequestError, ValueError):
+    """The request cannot be served as sent (the caller's mistake): INVALID_ARG, not to be retried."""
+
+    code, reason = "INVALID_ARG", "bad_request"
+
+
+class NetworkUnavailable(RequestError):
+    """The network model cannot answer now (server shutting down or starting): UNAVAILABLE, the client retries."""
+
+    code, reason = "UNAVAILABLE", "unavailable"
 
 
 class TritonPythonModel:
@@ -53,9 +74,16 @@ class TritonPythonModel:
         if wanted == set(OUTPUT_NAMES) and not has_labels:
             wanted.discard("warped_labels")  # everything by default, less what cannot be made
         if "warped_labels" in wanted and not has_labels:
-            raise ValueError("output 'warped_labels' was requested but the input 'moving_labels' was not sent; "
+            raise BadRequest("output 'warped_labels' was requested but the input 'moving_labels' was not sent; "
                              "send moving_labels (INT32 [1, 160, 224, 192]) or do not request warped_labels")
         return wanted
+
+    def _network_ready(self) -> bool:
+        """Whether the network model is loaded and ready now (False when the server cannot say)."""
+        try:
+            return bool(pb_utils.is_model_ready(self.network_model))
+        except Exception:  # a stopping server may not answer
+            return False
 
     def _velocity(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         inputs = [output_tensor(name, image) for name, image in zip(IMAGES, (fixed, moving))]
@@ -66,7 +94,8 @@ class TritonPythonModel:
                                              requested_output_names=[VELOCITY], **extra).exec()
         if response.has_error():
             error = response.error()
-            if error.code() == pb_utils.TritonError.UNAVAILABLE or "not ready" in error.message().lower():
+            # the python backend (2.51) reports a call to an unloaded model as INTERNAL: ask for the model's state
+            if error.code() == pb_utils.TritonError.UNAVAILABLE or not self._network_ready():
                 raise NetworkUnavailable(f"{self.network_model} is unavailable (the server is starting or "
                                          f"stopping): {error.message()}")
             raise RuntimeError(f"{self.network_model}: {error.message()}")
@@ -84,20 +113,22 @@ class TritonPythonModel:
                 images = [input_tensor(request, name, self.device) for name in IMAGES]
                 labels = input_tensor(request, "moving_labels", self.device)
                 accepted.append((index, *images, labels, self._wanted(request, labels is not None)))
-            except ValueError as exc:
-                self.metrics.error("bad_request")
-                responses[index] = error_response(str(exc), "INVALID_ARG")
+            except Exception as exc:  # this request only; the rest of the batch goes on
+                responses[index] = self._error(exc, "")
         if accepted:
             try:
                 self._register(requests, accepted, responses)
             except Exception as exc:  # answer every accepted request; the model stays up for the next batch
-                unavailable = isinstance(exc, NetworkUnavailable)
-                self.metrics.error("unavailable" if unavailable else "internal")
                 for index, *_ in accepted:
-                    responses[index] = error_response(f"lumireg: registration failed: {exc}",
-                                                      "UNAVAILABLE" if unavailable else "INTERNAL")
+                    responses[index] = self._error(exc, "lumireg: registration failed: ")
         self.metrics.stage("total", time.perf_counter() - start)
         return responses
+
+    def _error(self, exc: Exception, prefix: str) -> "pb_utils.InferenceResponse":
+        """An error response with the code of ``exc`` (a :class:`RequestError`'s, else INTERNAL), counted."""
+        code, reason = (exc.code, exc.reason) if isinstance(exc, RequestError) else ("INTERNAL", "internal")
+        self.metrics.error(reason)
+        return error_response(f"{prefix}{exc}", code)
 
     def _register(self, requests, accepted, responses) -> None:
         timer = StageTimer()
