@@ -2,14 +2,17 @@
 
 One pair writes the outputs asked for into ``-o OUT_DIR`` (``displacement.nii.gz``,
 ``warped.nii.gz``, ``warped_labels.nii.gz``, ``inverse_displacement.nii.gz``,
-``displacement_itk.nii.gz``, ``qc.json``). A batch (``--pairs``) writes one
-folder per pair, or with ``--lumir-submission`` exactly the challenge's
-``disp_{fixedID}_{movingID}.nii.gz`` files (float32; ``--fp16`` writes
-``.npz`` float16 instead, which NIfTI cannot hold and the evaluators read).
-Every file is written whole or not at all, so a batch can be stopped and
-started again: finished pairs are skipped.
+``displacement_itk.nii.gz``, ``qc.json``); without ``--outputs``: the
+displacement, the warped image and the QC report, and the warped labels when
+labels are given (``--labels``, or a pair's labels in the pairs file). A batch
+(``--pairs``) writes one folder per pair, or with ``--lumir-submission``
+exactly the challenge's ``disp_{fixedID}_{movingID}.nii.gz`` files (float32;
+``--fp16`` writes ``.npz`` float16 instead, which NIfTI cannot hold and the
+evaluators read). Every file is written whole or not at all, so a batch can be
+stopped and started again: finished pairs are skipped.
 
-Exit codes: 0 all done, 1 some pair failed, 2 bad input or usage, 3 no server.
+Exit codes (:mod:`lumireg.contract`): 0 all done, 1 some pair failed or the
+server refused, 2 bad input or usage, 3 no server, 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,40 +25,83 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_OUTPUTS = "displacement,warped,qc"
+from lumireg.contract import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+                              lumir_case_names)
+
+DEFAULT_OUTPUTS = ("displacement", "warped", "qc")  # and warped_labels for a pair with labels
+LABEL_KEY = "moving_label"  # a LUMIR / Learn2Reg dataset JSON entry's moving label map (see lumireg.train.lumir)
 
 
-def _stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds, so shared memory regions are released on the way out
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so shared memory regions are released on the way out
 
 
-def read_pairs(path: Path, data_dir: Path | None) -> list[tuple[Path, Path, str, str]]:
-    """``(fixed, moving, fixed name, moving name)`` per pair of a LUMIR JSON (``eval_pairs`` or ``validation``) or a CSV."""
+@dataclass(frozen=True)
+class Pair:
+    """One pair of a pairs file: paths resolved against the data folder, and the names the file gives them."""
+
+    fixed: Path
+    moving: Path
+    moving_labels: Path | None  # the moving image's label map, for warped_labels
+    fixed_name: str
+    moving_name: str
+
+
+def read_pairs(path: Path, data_dir: Path | None) -> list[Pair]:
+    """The pairs of a LUMIR JSON or a CSV; relative paths are taken from ``data_dir`` (default: the file's folder).
+
+    - JSON: a LUMIR dataset JSON's ``validation`` list or an evaluation
+      config's ``eval_pairs`` list of ``{"fixed", "moving"}`` objects; an
+      entry may name its moving labels under ``"moving_label"`` (Learn2Reg's
+      spelling, as :mod:`lumireg.train.lumir` reads it).
+    - CSV: ``fixed,moving[,moving_labels]`` rows, an optional header row
+      starting with ``fixed``, ``#`` comments; an empty third cell means no labels.
+
+    Raises ``FileNotFoundError`` (no file) or ``ValueError`` naming the file and the entry.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"no pairs file at {path}")
+    rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
     base = data_dir or path.parent
-    if path.suffix.lower() == ".json":
+    return [Pair(base / fixed, base / moving, base / labels if labels else None, fixed, moving)
+            for fixed, moving, labels in rows]
+
+
+def _json_rows(path: Path) -> list[tuple[str, str, str | None]]:
+    try:
         data = json.loads(path.read_text())
-        entries = data.get("eval_pairs") or data.get("validation") if isinstance(data, dict) else None
-        if not entries:
-            raise ValueError(f"{path}: expected an 'eval_pairs' or 'validation' list of {{fixed, moving}}")
-        rows = [(e["fixed"], e["moving"]) for e in entries]
-    else:
-        with path.open(newline="") as handle:
-            rows = [tuple(r[:2]) for r in csv.reader(handle) if r and not r[0].startswith("#")]
-        if rows and rows[0][0].strip().lower() == "fixed":
-            rows = rows[1:]
-        if not rows or any(len(r) < 2 for r in rows):
-            raise ValueError(f"{path}: expected two columns, fixed and moving")
-    return [(base / f.strip(), base / m.strip(), f.strip(), m.strip()) for f, m in rows]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    entries = (data.get("eval_pairs") or data.get("validation")) if isinstance(data, dict) else None
+    if not entries or not isinstance(entries, list):
+        raise ValueError(f"{path}: expected an 'eval_pairs' or 'validation' list of {{fixed, moving}}")
+    rows = []
+    for n, entry in enumerate(entries):
+        keys = ("fixed", "moving", LABEL_KEY) if isinstance(entry, dict) and LABEL_KEY in entry else ("fixed", "moving")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k].strip() for k in keys):
+            raise ValueError(f"{path}: entry {n} must be an object with string paths 'fixed', 'moving' "
+                             f"(and optionally {LABEL_KEY!r}), got {entry!r}")
+        rows.append((entry["fixed"].strip(), entry["moving"].strip(), (entry.get(LABEL_KEY) or "").strip() or None))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[tuple[str, str, str | None]]:
+    with path.open(newline="") as handle:
+        rows = [[cell.strip() for cell in r] for r in csv.reader(handle) if r and not r[0].lstrip().startswith("#")]
+    if rows and rows[0][0].lower() == "fixed":
+        rows = rows[1:]
+    bad = next((n for n, r in enumerate(rows) if len(r) < 2 or not r[0] or not r[1] or len(r) > 3), None)
+    if not rows or bad is not None:
+        raise ValueError(f"{path}: expected rows fixed,moving[,moving_labels]"
+                         + (f"; row {bad + 1} is {rows[bad]}" if bad is not None else ", found none"))
+    return [(r[0], r[1], r[2] if len(r) > 2 and r[2] else None) for r in rows]
 
 
 def _pair_target(out_dir: Path, fixed_name: str, moving_name: str, submission: bool, fp16: bool) -> Path:
-    from lumireg.contract import lumir_case_names as case_names
-
-    names = case_names(fixed_name, moving_name)
+    names = lumir_case_names(fixed_name, moving_name)
     if submission:
         if names is None:
             raise ValueError(f"--lumir-submission needs LUMIR file names (..._XXXX_YYYY.nii.gz), got {fixed_name}")
@@ -82,9 +128,10 @@ def _save_submission(result, target: Path, fp16: bool) -> None:
     partial.replace(target)
 
 
-def _single(args, client, outputs) -> int:
-    from lumireg.client.registration import FILES
+def _single(args, client, requested: tuple[str, ...] | None) -> int:
+    from lumireg.client.registration import FILES, default_outputs
 
+    outputs = requested or default_outputs(args.labels is not None, DEFAULT_OUTPUTS)
     result = client.register(args.fixed, args.moving, outputs, moving_labels=args.labels,
                              precision=args.precision, field_format=args.field_format)
     written = result.save(args.out)
@@ -93,63 +140,116 @@ def _single(args, client, outputs) -> int:
     if result.qc:
         print(f"qc: NDV {result.qc['ndv_percent']:.4f} %, NCC {result.qc['ncc_before']:.3f} -> "
               f"{result.qc['ncc_after']:.3f}, min Jacobian {result.qc['jacobian_min']:.3f}")
-    return 0
+    return EXIT_OK
 
 
-def _batch(args, client, outputs) -> int:
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class _Job:
+    """One pair of a batch: what to ask for and where its results go (a folder, or a submission file)."""
 
+    pair: Pair
+    outputs: tuple[str, ...]
+    target: Path
+
+
+def _batch_jobs(args, pairs: list[Pair], requested: tuple[str, ...] | None) -> list[_Job]:
+    """A job per pair; ``ValueError`` before anything runs when ``warped_labels`` is asked for pairs without labels."""
+    from lumireg.client.registration import default_outputs
+
+    if args.lumir_submission:
+        requested = ("displacement",)
+    elif requested and "warped_labels" in requested:
+        unlabelled = [p for p in pairs if p.moving_labels is None]
+        if unlabelled:
+            first = unlabelled[0]
+            raise ValueError(f"{args.pairs}: --outputs asks for warped_labels, but {len(unlabelled)} pair(s) name no "
+                             f"moving labels (first: {first.fixed_name} <- {first.moving_name}); give each pair its "
+                             f"labels (a third CSV column, or {LABEL_KEY!r} in a JSON entry)")
+    out_dir = Path(args.out)
+    return [_Job(pair, requested or default_outputs(pair.moving_labels is not None, DEFAULT_OUTPUTS),
+                 _pair_target(out_dir, pair.fixed_name, pair.moving_name, args.lumir_submission, args.fp16))
+            for pair in pairs]
+
+
+def _finished(job: _Job, args) -> bool:
+    """True when every file the job writes is already there (files appear whole or not at all)."""
     from lumireg.client.registration import FILES
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = read_pairs(Path(args.pairs), Path(args.data_dir) if args.data_dir else None)
     if args.lumir_submission:
-        outputs = ("displacement",)
-    todo, skipped = [], 0
-    for fixed, moving, fixed_name, moving_name in pairs:
-        target = _pair_target(out_dir, fixed_name, moving_name, args.lumir_submission, args.fp16)
-        done = target.is_file() if args.lumir_submission else all((target / FILES[o]).is_file() for o in outputs)
-        if done:
-            skipped += 1
-        else:
-            todo.append((fixed, moving, target))
+        return job.target.is_file()
+    names = job.outputs + (("displacement_itk",) if args.field_format == "itk" else ())
+    return all((job.target / FILES[name]).is_file() for name in names)
 
-    def one(fixed, moving, target):
-        result = client.register(fixed, moving, outputs, precision=args.precision, field_format=args.field_format)
+
+def _batch(args, client, requested: tuple[str, ...] | None) -> int:
+    from tqdm import tqdm
+
+    jobs = _batch_jobs(args, read_pairs(Path(args.pairs), Path(args.data_dir) if args.data_dir else None), requested)
+    todo = [job for job in jobs if not _finished(job, args)]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    def one(job: _Job) -> None:
+        result = client.register(job.pair.fixed, job.pair.moving, job.outputs, moving_labels=job.pair.moving_labels,
+                                 precision=args.precision, field_format=args.field_format)
         if args.lumir_submission:
-            _save_submission(result, target, args.fp16)
+            _save_submission(result, job.target, args.fp16)
         else:
-            result.save(target)
+            result.save(job.target)
 
     failures, start = [], time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        futures = {pool.submit(one, *job): job for job in todo}
+    pool = ThreadPoolExecutor(args.concurrency)
+    try:
+        futures = {pool.submit(one, job): job for job in todo}
         for future in tqdm(as_completed(futures), total=len(futures), desc="register", unit="pair"):
             if future.exception() is not None:
-                fixed, moving, _ = futures[future]
-                failures.append(f"{fixed.name} <- {moving.name}: {future.exception()}")
+                pair = futures[future].pair
+                failures.append(f"{pair.fixed.name} <- {pair.moving.name}: {future.exception()}")
+    finally:  # on Ctrl-C the pairs in flight finish (their files whole), the queued ones are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     done = len(todo) - len(failures)
     print(f"registered {done} pair(s) in {seconds:.1f} s ({done / seconds if seconds else 0:.2f} pairs/s); "
-          f"{skipped} already done; {len(failures)} failed")
+          f"{len(jobs) - len(todo)} already done; {len(failures)} failed")
     for failure in failures:
         print(f"  failed: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _requested_outputs(text: str | None) -> tuple[str, ...] | None:
+    """``--outputs`` as a tuple (None when not given: the defaults); ``ValueError`` for an unknown name."""
+    from lumireg.client.registration import RESULT_OUTPUTS
+
+    if text is None:
+        return None
+    outputs = tuple(o.strip() for o in text.split(",") if o.strip())
+    unknown = [o for o in outputs if o not in RESULT_OUTPUTS]
+    if not outputs or unknown:
+        raise ValueError(f"--outputs: choose among {', '.join(RESULT_OUTPUTS)} (got {text!r})")
+    return outputs
+
+
+def _usage_error(args) -> str | None:
+    if bool(args.pairs) == bool(args.fixed and args.moving) or (args.fixed and not args.moving):
+        return "give FIXED MOVING, or --pairs PAIRS"
+    if args.pairs and args.labels:
+        return "--labels is for one pair; in batch mode the pairs file names each pair's labels"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    """``lumireg register``; returns an exit code of :mod:`lumireg.contract` (one line on stderr when not 0)."""
     from tritonclient.utils import InferenceServerException
 
     from lumireg.client.registration import InputError, LumiregError, RegistrationClient, ServerUnavailable
 
-    if bool(args.pairs) == bool(args.fixed and args.moving) or (args.fixed and not args.moving):
-        print("lumireg register: give FIXED MOVING, or --pairs PAIRS", file=sys.stderr)
-        return 2
-    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    problem = _usage_error(args)
+    if problem:
+        print(f"lumireg register: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if on_main_thread else None
     try:
+        requested = _requested_outputs(args.outputs)
         with RegistrationClient(args.url, transport=args.transport, timeout=args.timeout,
                                 retry_seconds=args.retry_seconds, concurrency=args.concurrency) as client:
             try:
@@ -158,16 +258,22 @@ def run(args: argparse.Namespace) -> int:
                 live = False
             if not live:
                 raise ServerUnavailable(f"no lumireg server answers at {args.url}; start one with `lumireg serve`")
-            return _batch(args, client, outputs) if args.pairs else _single(args, client, outputs)
+            return _batch(args, client, requested) if args.pairs else _single(args, client, requested)
     except ServerUnavailable as exc:
         print(f"lumireg register: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_UNAVAILABLE
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"lumireg register: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except LumiregError as exc:
         print(f"lumireg register: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("lumireg register: interrupted; files already written are whole, run again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def add_parser(sub) -> None:
@@ -176,10 +282,11 @@ def add_parser(sub) -> None:
     register.add_argument("fixed", nargs="?", help="fixed image (NIfTI)")
     register.add_argument("moving", nargs="?", help="moving image (NIfTI)")
     register.add_argument("-o", "--out", required=True, help="output folder")
-    register.add_argument("--labels", help="label map on the moving image's grid (for warped_labels)")
-    register.add_argument("--outputs", default=DEFAULT_OUTPUTS,
+    register.add_argument("--labels", help="label map on the moving image's grid: adds warped_labels to the "
+                                           "default outputs")
+    register.add_argument("--outputs",
                           help="comma-separated: displacement, inverse_displacement, warped, warped_labels, qc "
-                               f"(default: {DEFAULT_OUTPUTS})")
+                               f"(default: {','.join(DEFAULT_OUTPUTS)}, and warped_labels with labels)")
     register.add_argument("--url", default="localhost:8001", help="the server's gRPC host:port (default: localhost:8001)")
     register.add_argument("--transport", choices=("auto", "shm", "grpc"), default="auto",
                           help="auto: shared memory on this host, gRPC payloads otherwise (default: auto)")
@@ -187,7 +294,8 @@ def add_parser(sub) -> None:
                           help="displacement precision on the wire (default: float16; files are float32)")
     register.add_argument("--field-format", choices=("lumir", "itk"), default="lumir",
                           help="itk: also write displacement_itk.nii.gz for antsApplyTransforms (default: lumir)")
-    register.add_argument("--pairs", help="batch: a LUMIR dataset / evaluation JSON or a fixed,moving CSV")
+    register.add_argument("--pairs", help="batch: a LUMIR dataset / evaluation JSON (entries may name a "
+                                          "'moving_label') or a fixed,moving[,moving_labels] CSV")
     register.add_argument("--data-dir", help="batch: folder the pair paths are relative to (default: the file's folder)")
     register.add_argument("--concurrency", type=int, default=2, help="batch: requests in flight (default: 2)")
     register.add_argument("--lumir-submission", action="store_true",

@@ -31,12 +31,20 @@ from tritonclient.utils import InferenceServerException
 
 from lumireg.client import geometry
 from lumireg.client.transport import GrpcTransport, SharedMemoryTransport
+from lumireg.contract import ENTRY_MODEL
 
 RESULT_OUTPUTS = ("displacement", "inverse_displacement", "warped", "warped_labels", "qc")
+DEFAULT_OUTPUTS = ("displacement", "warped")  # and warped_labels when moving labels are given
 FILES = {"displacement": "displacement.nii.gz", "inverse_displacement": "inverse_displacement.nii.gz",
          "warped": "warped.nii.gz", "warped_labels": "warped_labels.nii.gz", "qc": "qc.json",
          "displacement_itk": "displacement_itk.nii.gz"}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+# gRPC statuses (InferenceServerException.status()) that mean "no server to answer now", so a request is retried:
+# UNAVAILABLE: nothing listens at the address, or the server says try again (its network model is not loaded);
+# NOT_FOUND: a stopping or starting server has no loaded model 'lumireg', or a restarted one has forgotten the
+# client's shared memory regions (registered again before the retry).
+RETRY_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND"})
+DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 
 
 class LumiregError(RuntimeError):
@@ -176,13 +184,22 @@ class RegistrationClient:
         self.client.close()
 
     def ready(self) -> bool:
+        """True when the server and its ``lumireg`` model are ready to answer."""
         try:
-            return self.client.is_server_ready() and self.client.is_model_ready("lumireg")
+            return self.client.is_server_ready() and self.client.is_model_ready(ENTRY_MODEL)
         except InferenceServerException:
             return False
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """One request of the wire contract (batch axis included), retried while the server is unavailable."""
+        """One request of the wire contract (batch axis included), retried while the server is unavailable.
+
+        What happens is decided by the request's gRPC status, never by its
+        message: :data:`RETRY_STATUSES` are retried with exponential backoff
+        (0.5 s doubling to 5 s) for ``retry_seconds``, shared memory regions
+        registered again before each retry; ``DEADLINE_EXCEEDED`` raises
+        :class:`LumiregError` (``timeout``); any other status is a refusal
+        (:class:`LumiregError` with the server's message).
+        """
         deadline = time.monotonic() + self.retry_seconds
         delay, reset = 0.5, False
         while True:
@@ -192,13 +209,10 @@ class RegistrationClient:
                     reset = False
                 return self.transport.infer(self.client, inputs, outputs, self.timeout)
             except InferenceServerException as exc:
-                status, message = str(exc.status() or ""), exc.message() or str(exc)
-                if "DEADLINE_EXCEEDED" in status:
+                status, message = exc.status(), exc.message() or str(exc)
+                if status == DEADLINE_EXCEEDED:
                     raise LumiregError(f"the server at {self.url} did not answer within {self.timeout:g} s") from exc
-                lost_region = "shared memory region" in message and reset is False
-                # a server stopping or starting: its models are unloaded ("no available versions") or not ready
-                restarting = any(words in message for words in ("has no available versions", "is not ready"))
-                if "UNAVAILABLE" not in status and not lost_region and not restarting:
+                if status not in RETRY_STATUSES:
                     raise LumiregError(f"the server refused the request: {message}") from exc
                 if time.monotonic() + delay > deadline:
                     raise ServerUnavailable(f"no lumireg server answered at {self.url} "
@@ -206,85 +220,163 @@ class RegistrationClient:
                 time.sleep(delay)
                 delay, reset = min(2 * delay, 5.0), True
 
-    def register(self, fixed, moving, outputs=("displacement", "warped"), moving_labels=None, *,
-                 fixed_affine=None, moving_affine=None, precision: str = "float16",
-                 field_format: str = "lumir") -> RegistrationResult:
+    def register(self, fixed, moving, outputs=None, moving_labels=None, *, fixed_affine=None, moving_affine=None,
+                 precision: str = "float16", field_format: str = "lumir") -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
         Args:
             fixed, moving: NIfTI paths, nibabel images, or 3-D arrays with
-                ``fixed_affine`` / ``moving_affine`` (voxel -> RAS mm).
-            outputs: any of :data:`RESULT_OUTPUTS`.
+                ``fixed_affine`` / ``moving_affine`` ((4, 4) voxel -> RAS mm).
+            outputs: any of :data:`RESULT_OUTPUTS`; None (the default):
+                ``displacement`` and ``warped``, and ``warped_labels`` when
+                ``moving_labels`` is given (see :func:`default_outputs`).
             moving_labels: a label map on the moving image's grid (path, image
-                or integer array); needed for ``warped_labels``.
+                or array of whole numbers); needed for ``warped_labels``.
             precision: ``"float16"`` (half the bytes on the wire) or
                 ``"float32"`` for the displacement fields.
             field_format: ``"lumir"``, or ``"itk"`` to also get ``displacement_itk``.
+
+        Returns:
+            a :class:`RegistrationResult` holding the outputs asked for, each
+            on its image's own grid (the fixed image's; the inverse field on
+            the moving image's), with that image's affine and header.
 
         Raises:
             InputError: an input cannot be registered. LumiregError: the server
             refused (its message included). ServerUnavailable: no server.
         """
         start = time.perf_counter()
-        outputs = set(outputs)
-        unknown = outputs - set(RESULT_OUTPUTS)
-        if unknown or precision not in ("float16", "float32") or field_format not in ("lumir", "itk"):
-            raise ValueError(f"outputs must be among {RESULT_OUTPUTS} (got {sorted(unknown)}), precision "
-                             f"float16|float32 (got {precision!r}), field_format lumir|itk (got {field_format!r})")
-        if "warped_labels" in outputs and moving_labels is None:
-            raise InputError("warped_labels needs moving_labels")
-        if field_format == "itk":
-            outputs.add("displacement")
-        fixed, moving = load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine)
-        labels = None
-        if moving_labels is not None:
-            labels = load_image(moving_labels, "moving_labels", moving.affine)
-            if labels.data.shape != moving.data.shape:
-                raise InputError(f"moving_labels: shape {labels.data.shape} differs from the moving image's "
-                                 f"{moving.data.shape}")
-            if not np.issubdtype(labels.data.dtype, np.integer):  # label maps are often stored as floats
-                if not np.array_equal(labels.data, np.round(labels.data)):
-                    raise InputError(f"moving_labels: values must be whole numbers (a label map), got "
-                                     f"{labels.data.dtype} with fractions")
-                labels.data = labels.data.astype(np.int32)
-        (fixed_canvas, fixed_place), (moving_canvas, moving_place) = (_on_canvas(image, what) for image, what in
-                                                                      ((fixed, "fixed"), (moving, "moving")))
-        native = fixed_place.native and moving_place.native
-
-        field_name = "displacement_fp16" if precision == "float16" else "displacement"
-        wire = [field_name] + [n for n in ("inverse_displacement", "qc") if n in outputs]
-        inputs = {"fixed": fixed_canvas[None, None], "moving": moving_canvas[None, None]}
-        if native:  # the server's own warped outputs are exact for LUMIR images
-            wire += [n for n in ("warped", "warped_labels") if n in outputs]
-            if "warped_labels" in outputs:
-                inputs["moving_labels"] = labels.data.astype(np.int32)[None, None]
+        if outputs is None:
+            outputs = default_outputs(moving_labels is not None)
+        outputs = _checked_outputs(outputs, precision, field_format, moving_labels is not None)
+        placed = _place(load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine),
+                        moving_labels)
+        inputs, wire = _request(placed, outputs, precision)
         sent = time.perf_counter()
         answer = self.infer(inputs, wire)
         result = RegistrationResult(seconds={"server": time.perf_counter() - sent})
-
-        disp = answer[field_name][0].astype(np.float32)
-        if not native:
-            disp = geometry.field_to_fixed_grid(disp, fixed_place, moving_place)
-        if "displacement" in outputs:
-            result.displacement = _like(_channels_last(disp), fixed)
-        if field_format == "itk":
-            result.displacement_itk = geometry.itk_image(disp, fixed.affine, fixed.header)
-        if "inverse_displacement" in outputs:
-            inverse = answer["inverse_displacement"][0]
-            if not native:
-                inverse = geometry.field_to_fixed_grid(inverse, moving_place, fixed_place)
-            result.inverse_displacement = _like(_channels_last(inverse), moving)
-        for name, source in (("warped", moving), ("warped_labels", labels)):
-            if name in outputs:
-                if native:
-                    data = answer[name][0, 0]
-                else:
-                    data = geometry.warp_to_fixed(source.data, disp, fixed_place, moving_place,
-                                                  labels=name == "warped_labels")
-                if name == "warped_labels":
-                    data = data.astype(labels.data.dtype)
-                setattr(result, name, _like(np.ascontiguousarray(data), fixed))
-        if "qc" in outputs:
-            result.qc = json.loads(answer["qc"].reshape(-1)[0])
+        _reassemble(result, answer, placed, outputs, precision, field_format)
         result.seconds["total"] = time.perf_counter() - start
         return result
+
+
+# --- the steps of RegistrationClient.register --------------------------------------------------------------
+
+def default_outputs(has_labels: bool, base=DEFAULT_OUTPUTS) -> tuple[str, ...]:
+    """``base`` outputs, plus ``warped_labels`` when the caller gave moving labels (labels given are never ignored)."""
+    return tuple(base) + (("warped_labels",) if has_labels and "warped_labels" not in base else ())
+
+
+def _checked_outputs(outputs, precision: str, field_format: str, has_labels: bool) -> set[str]:
+    """The outputs to make: ``outputs`` checked against :data:`RESULT_OUTPUTS` and the options, plus
+    ``displacement`` when ``field_format="itk"`` (the ITK field is made from it).
+
+    Raises ``ValueError`` for an unknown output, precision or format; :class:`InputError` for
+    ``warped_labels`` without labels.
+    """
+    outputs = set(outputs)
+    unknown = outputs - set(RESULT_OUTPUTS)
+    if unknown or precision not in ("float16", "float32") or field_format not in ("lumir", "itk"):
+        raise ValueError(f"outputs must be among {RESULT_OUTPUTS} (got {sorted(unknown)}), precision "
+                         f"float16|float32 (got {precision!r}), field_format lumir|itk (got {field_format!r})")
+    if "warped_labels" in outputs and not has_labels:
+        raise InputError("warped_labels needs moving_labels")
+    if field_format == "itk":
+        outputs.add("displacement")
+    return outputs
+
+
+def _load_labels(source, moving: Image) -> Image:
+    """The moving image's label map as integers: on the moving image's grid (its affine when ``source`` is an
+    array), whole-number floats (as many tools save label maps) turned to int32; :class:`InputError` otherwise."""
+    labels = load_image(source, "moving_labels", moving.affine)
+    if labels.data.shape != moving.data.shape:
+        raise InputError(f"moving_labels: shape {labels.data.shape} differs from the moving image's "
+                         f"{moving.data.shape}")
+    if not np.issubdtype(labels.data.dtype, np.integer):
+        if not np.array_equal(labels.data, np.round(labels.data)):
+            raise InputError(f"moving_labels: values must be whole numbers (a label map), got "
+                             f"{labels.data.dtype} with fractions")
+        labels.data = labels.data.astype(np.int32)
+    return labels
+
+
+@dataclass
+class _Placed:
+    """A pair as it goes to the server: the caller's images, their uint8 canvases (160, 224, 192) and placements.
+
+    ``native``: both are LUMIR images sent as they are, so the server's outputs are already on their grids.
+    """
+
+    fixed: Image
+    moving: Image
+    labels: Image | None
+    fixed_canvas: np.ndarray
+    moving_canvas: np.ndarray
+    fixed_place: geometry.Placement
+    moving_place: geometry.Placement
+
+    @property
+    def native(self) -> bool:
+        return self.fixed_place.native and self.moving_place.native
+
+
+def _place(fixed: Image, moving: Image, moving_labels) -> _Placed:
+    """Both images onto the canvas (:func:`lumireg.client.geometry.to_canvas`), the labels loaded beside them."""
+    labels = _load_labels(moving_labels, moving) if moving_labels is not None else None
+    (fixed_canvas, fixed_place), (moving_canvas, moving_place) = (_on_canvas(image, what) for image, what in
+                                                                  ((fixed, "fixed"), (moving, "moving")))
+    return _Placed(fixed, moving, labels, fixed_canvas, moving_canvas, fixed_place, moving_place)
+
+
+def _field_name(precision: str) -> str:
+    """The wire output that carries the displacement: float16 (``displacement_fp16``) or float32."""
+    return "displacement_fp16" if precision == "float16" else "displacement"
+
+
+def _request(placed: _Placed, outputs: set[str], precision: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The request's inputs (``(1, 1, 160, 224, 192)`` each) and the wire outputs to ask for.
+
+    The displacement always comes back (every other output is made from it on
+    this side); the warped image and labels come from the server only for
+    LUMIR images, where its warping is exact, and are resampled here from the
+    caller's originals otherwise.
+    """
+    wire = [_field_name(precision)] + [n for n in ("inverse_displacement", "qc") if n in outputs]
+    inputs = {"fixed": placed.fixed_canvas[None, None], "moving": placed.moving_canvas[None, None]}
+    if placed.native:
+        wire += [n for n in ("warped", "warped_labels") if n in outputs]
+        if "warped_labels" in outputs:
+            inputs["moving_labels"] = placed.labels.data.astype(np.int32)[None, None]
+    return inputs, wire
+
+
+def _reassemble(result: RegistrationResult, answer: dict[str, np.ndarray], placed: _Placed, outputs: set[str],
+                precision: str, field_format: str) -> None:
+    """Fill ``result`` from the server's ``answer``: every field on its image's own grid (voxels, pull-back),
+    the warped images on the fixed grid with the fixed image's affine and header, labels in their own dtype."""
+    fixed, moving = placed.fixed, placed.moving
+    disp = answer[_field_name(precision)][0].astype(np.float32)
+    if not placed.native:
+        disp = geometry.field_to_fixed_grid(disp, placed.fixed_place, placed.moving_place)
+    if "displacement" in outputs:
+        result.displacement = _like(_channels_last(disp), fixed)
+    if field_format == "itk":
+        result.displacement_itk = geometry.itk_image(disp, fixed.affine, fixed.header)
+    if "inverse_displacement" in outputs:
+        inverse = answer["inverse_displacement"][0]
+        if not placed.native:
+            inverse = geometry.field_to_fixed_grid(inverse, placed.moving_place, placed.fixed_place)
+        result.inverse_displacement = _like(_channels_last(inverse), moving)
+    for name, source in (("warped", moving), ("warped_labels", placed.labels)):
+        if name in outputs:
+            if placed.native:
+                data = answer[name][0, 0]
+            else:
+                data = geometry.warp_to_fixed(source.data, disp, placed.fixed_place, placed.moving_place,
+                                              labels=name == "warped_labels")
+            if name == "warped_labels":
+                data = data.astype(source.data.dtype)
+            setattr(result, name, _like(np.ascontiguousarray(data), fixed))
+    if "qc" in outputs:
+        result.qc = json.loads(answer["qc"].reshape(-1)[0])

@@ -1,6 +1,8 @@
 """The client library and `lumireg register` against the real embedded server."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,8 +14,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from tritonclient.utils import InferenceServerException
+
 from lumireg.cli import main
-from lumireg.client import InputError, LumiregError, RegistrationClient
+from lumireg.client import InputError, LumiregError, RegistrationClient, ServerUnavailable
+from lumireg.client.command import Pair, read_pairs
+from lumireg.client.registration import default_outputs
+from lumireg.contract import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from lumireg.evaluate import evaluate
 from lumireg.export.repository import SOURCE_REPOSITORY
 from lumireg.service.server import EmbeddedServer, free_ports
@@ -57,7 +64,13 @@ def test_lumir_round_trip(shm_client, lumir_files, in_process):
     assert np.abs(np.moveaxis(field, -1, 0) - in_process["displacement"][0]).max() <= 1e-3
     inverse = np.moveaxis(result.inverse_displacement.get_fdata(dtype=np.float32), -1, 0)
     assert np.abs(inverse - in_process["inverse_displacement"][0]).max() <= 1e-3
-    assert result.warped.shape == (160, 224, 192) and result.qc["ndv_percent"] >= 0
+    assert result.warped.shape == (160, 224, 192)
+    from lumireg.evaluate import ndv_percent
+
+    # the QC's NDV (the metric's torch path, on the service's field) is the evaluator's (its numpy path) on the
+    # field returned, over the moving image's nonzero voxels
+    moving_mask = np.asarray(nib.load(str(moving)).dataobj) > 0
+    assert result.qc["ndv_percent"] == pytest.approx(ndv_percent(field, moving_mask), rel=1e-9, abs=1e-12)
     half = shm_client.register(fixed, moving, ("displacement",))  # float16 on the wire
     assert np.abs(half.displacement.get_fdata() - field).max() <= 2e-3 * max(1.0, np.abs(field).max())
 
@@ -128,7 +141,21 @@ def test_batch_writes_a_lumir_submission_that_evaluate_reads_and_resumes(server,
     assert nib.load(str(out / files[0])).shape == (160, 224, 192, 3)
     report = evaluate(out, lumir_files, [lumir_files / "config.json"], progress=False)
     assert set(report["cases"]) == {"3455_0000<--3456_0000", "3455_0000<--3457_0000"}
-    assert report["aggregates"]["NDV"]["mean"] >= 0
+    import torch
+
+    from lumireg.evaluate import ndv_percent
+
+    # each case's NDV is the metric's on the submitted field over the moving image's nonzero voxels, here
+    # through the torch path, which the evaluator does not take; the aggregate is their mean
+    ndvs = []
+    for moving_name in LUMIR_NAMES[1:]:
+        moving_id = moving_name.split("_")[1]
+        field = torch.from_numpy(nib.load(str(out / f"disp_3455_{moving_id}.nii.gz")).get_fdata())
+        moving = torch.from_numpy(np.asarray(nib.load(str(lumir_files / "imagesVal" / moving_name)).dataobj))
+        ndvs.append(ndv_percent(field, moving))
+        case = f"3455_0000<--{moving_id}_0000"
+        assert report["cases"][case]["NDV"]["mean"] == pytest.approx(ndvs[-1], rel=1e-9, abs=1e-12), case
+    assert report["aggregates"]["NDV"]["mean"] == pytest.approx(np.mean(ndvs), rel=1e-9, abs=1e-12)
     capsys.readouterr()
     assert main(command) == 0
     again = capsys.readouterr().out
@@ -236,3 +263,142 @@ def test_labels_stored_as_floats_are_warped_as_integers(shm_client, pair):
     with pytest.raises(InputError, match="whole numbers"):
         shm_client.register(image, image, ("warped_labels",), moving_labels=labels + 0.25, fixed_affine=affine,
                             moving_affine=affine)
+
+
+def _nearest_warp(labels: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """``labels`` pulled back by ``field`` ([X, Y, Z, 3], voxels) with nearest neighbour, zero outside."""
+    grid = np.indices(labels.shape, dtype=np.float32) + np.moveaxis(field, -1, 0)
+    return ndimage.map_coordinates(labels, grid, order=0, mode="constant")
+
+
+def test_labels_given_are_warped_without_asking(server, lumir_files, tmp_path, capsys):
+    fixed, moving = (lumir_files / "imagesVal" / n for n in LUMIR_NAMES[:2])
+    labels = lumir_files / "labelsVal" / LUMIR_NAMES[1]
+    out = tmp_path / "out"
+    assert main(["register", str(fixed), str(moving), "--labels", str(labels), "-o", str(out),
+                 "--url", server.grpc_url, "--precision", "float32"]) == EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz",
+                                                    "warped_labels.nii.gz"]
+    warped = np.asarray(nib.load(str(out / "warped_labels.nii.gz")).dataobj)
+    original = np.asarray(nib.load(str(labels)).dataobj)
+    assert warped.dtype == original.dtype and not np.array_equal(warped, original)
+    field = nib.load(str(out / "displacement.nii.gz")).get_fdata(dtype=np.float32)
+    assert np.mean(warped == _nearest_warp(original, field)) > 0.999  # but for ties at half a voxel
+    assert "warped_labels:" in capsys.readouterr().out
+    assert default_outputs(False) == ("displacement", "warped")  # the library adds labels the same way
+    assert default_outputs(True) == ("displacement", "warped", "warped_labels")
+
+
+@pytest.fixture
+def labelled_dataset(lumir_files, tmp_path) -> Path:
+    """A LUMIR dataset JSON (validation) whose first pair names its moving labels and whose second does not."""
+    entries = [{"fixed": f"./imagesVal/{LUMIR_NAMES[0]}", "moving": f"./imagesVal/{LUMIR_NAMES[1]}",
+                "fixed_label": f"./labelsVal/{LUMIR_NAMES[0]}", "moving_label": f"./labelsVal/{LUMIR_NAMES[1]}"},
+               {"fixed": f"./imagesVal/{LUMIR_NAMES[0]}", "moving": f"./imagesVal/{LUMIR_NAMES[2]}"}]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"name": "test", "validation": entries}))
+    return path
+
+
+def test_batch_warps_each_pairs_labels(server, lumir_files, labelled_dataset, tmp_path, capsys):
+    out = tmp_path / "batch"
+    command = ["register", "--pairs", str(labelled_dataset), "--data-dir", str(lumir_files), "-o", str(out),
+               "--url", server.grpc_url, "--concurrency", "2", "--precision", "float32"]
+    assert main(command) == EXIT_OK, capsys.readouterr().err
+    assert "registered 2 pair(s)" in capsys.readouterr().out
+    with_labels, without = out / "disp_3455_3456", out / "disp_3455_3457"
+    assert sorted(p.name for p in with_labels.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz",
+                                                            "warped_labels.nii.gz"]
+    assert sorted(p.name for p in without.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz"]
+    warped = np.asarray(nib.load(str(with_labels / "warped_labels.nii.gz")).dataobj)
+    original = np.asarray(nib.load(str(lumir_files / "labelsVal" / LUMIR_NAMES[1])).dataobj)
+    field = nib.load(str(with_labels / "displacement.nii.gz")).get_fdata(dtype=np.float32)
+    assert np.mean(warped == _nearest_warp(original, field)) > 0.999
+    # asking for warped_labels when a pair names no labels is refused before anything runs
+    refused = tmp_path / "refused"
+    assert main(command[:6] + [str(refused)] + command[7:] + ["--outputs", "warped_labels"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 pair(s) name no moving labels" in err[0] and LUMIR_NAMES[2] in err[0], err
+    assert not refused.exists()
+
+
+def test_pairs_files_name_moving_labels(lumir_files, labelled_dataset, tmp_path):
+    pairs = read_pairs(labelled_dataset, lumir_files)
+    assert [p.moving_labels for p in pairs] == [lumir_files / f"./labelsVal/{LUMIR_NAMES[1]}", None]
+    listing = tmp_path / "pairs.csv"
+    listing.write_text("fixed,moving,moving_labels\n# a comment\na.nii.gz, b.nii.gz, seg/b.nii.gz\nc.nii.gz,d.nii.gz,\n"
+                       "e.nii.gz,f.nii.gz\n")
+    assert read_pairs(listing, None) == [
+        Pair(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "seg/b.nii.gz", "a.nii.gz", "b.nii.gz"),
+        Pair(tmp_path / "c.nii.gz", tmp_path / "d.nii.gz", None, "c.nii.gz", "d.nii.gz"),
+        Pair(tmp_path / "e.nii.gz", tmp_path / "f.nii.gz", None, "e.nii.gz", "f.nii.gz")]
+    listing.write_text("a.nii.gz,b.nii.gz,c.nii.gz,d.nii.gz\n")
+    with pytest.raises(ValueError, match="row 1"):
+        read_pairs(listing, None)
+    labelled_dataset.write_text(json.dumps({"validation": [{"fixed": "a.nii.gz", "moving_label": "b.nii.gz"}]}))
+    with pytest.raises(ValueError, match="entry 0"):
+        read_pairs(labelled_dataset, None)
+
+
+def test_labels_option_is_for_one_pair(lumir_files, labelled_dataset, tmp_path, capsys):
+    command = ["register", "--pairs", str(labelled_dataset), "--labels", "seg.nii.gz", "-o", str(tmp_path / "o")]
+    assert main(command) == EXIT_USAGE
+    assert "pairs file names each pair's labels" in capsys.readouterr().err
+
+
+class _Refusing:
+    """A transport whose every request fails with one gRPC status."""
+
+    def __init__(self, status: str, message: str):
+        self.status, self.message, self.calls, self.resets = status, message, 0, 0
+
+    def infer(self, client, inputs, outputs, timeout):
+        self.calls += 1
+        raise InferenceServerException(self.message, status=self.status)
+
+    def reset(self, client):
+        self.resets += 1
+
+    def close(self, client=None):
+        pass
+
+
+@pytest.mark.parametrize("status", ["StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT",
+                                    "StatusCode.INTERNAL", "StatusCode.DEADLINE_EXCEEDED"])
+def test_client_acts_on_the_status_not_the_message(status):
+    # the words the client once matched, on every status: only the status may decide
+    transport = _Refusing(status, "model 'lumireg' has no available versions; is not ready; shared memory region")
+    with RegistrationClient(f"127.0.0.1:{free_ports().grpc}", transport="grpc", retry_seconds=1.2) as client:
+        client.transport = transport
+        expected = {"StatusCode.UNAVAILABLE": ServerUnavailable, "StatusCode.NOT_FOUND": ServerUnavailable}
+        with pytest.raises(expected.get(status, LumiregError)) as raised:
+            client.infer({"fixed": np.zeros((1, 1, 2, 2, 2), np.uint8)}, ["displacement"])
+    if status in expected:  # retried with backoff (0.5 s, then 1 s is past the deadline), regions registered again
+        assert transport.calls == 2 and transport.resets == 1
+    else:
+        assert type(raised.value) is LumiregError and transport.calls == 1 and transport.resets == 0
+        assert ("did not answer" if status == "StatusCode.DEADLINE_EXCEEDED" else "server refused") in str(raised.value)
+
+
+def test_server_refusals_carry_invalid_argument(shm_client, pair):
+    with pytest.raises(LumiregError, match="'moving_labels' was not sent") as raised:
+        shm_client.infer({"fixed": pair["fixed"], "moving": pair["moving"]}, ["warped_labels"])
+    assert raised.value.__cause__.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_interrupted_register_exits_130_with_one_line(how, server, lumir_files, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        if how == "Ctrl-C":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts this
+
+    monkeypatch.setattr(RegistrationClient, "register", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    fixed, moving = (lumir_files / "imagesVal" / n for n in LUMIR_NAMES[:2])
+    assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "o"), "--url", server.grpc_url]) \
+        == EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0], err
+    assert signal.getsignal(signal.SIGTERM) is before
