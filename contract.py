@@ -112,7 +112,37 @@ NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
 
 # --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
 # name -> (type, default, lowest, highest, meaning); a request outside the bounds gets INVALID_ARGUMENT
-PARAMETERS: dict[str, tuple[type, object, object, object, str]] = {}
+PARAMETERS: dict[str, tuple[type, object, object, object, str]] = {
+    "passes": (int, 2, 1, 4, "network passes: each registers the fixed image to the moving one warped by the "
+                             "passes before it, and the transforms compose (1 = the network alone)"),
+}
+
+DEFAULT_PASSES = PARAMETERS["passes"][1]
+
+
+def request_parameters(given: dict) -> dict:
+    """Every parameter of :data:`PARAMETERS`: the given ones checked, the rest at their defaults.
+
+    ``given`` maps names to values as they arrive (Triton sends ints as ints,
+    a string parameter as a string; a numeric string is accepted for an int).
+    ``ValueError`` names an unknown parameter, or a value of the wrong type or out of bounds.
+    """
+    unknown = sorted(set(given) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown request parameter(s) {unknown}; lumireg takes {sorted(PARAMETERS)}")
+    chosen = {}
+    for name, (kind, default, lowest, highest, _) in PARAMETERS.items():
+        value = given.get(name, default)
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"request parameter {name!r} must be {kind.__name__}, got {value!r}") from None
+        if not lowest <= value <= highest:
+            raise ValueError(f"request parameter {name!r} must be in {lowest}..{highest}, got {value}")
+        chosen[name] = value
+    return chosen
 
 # --- the model repository's files -------------------------------------------------------------------------
 ONNX_FILE = "model.onnx"  # the network graph (python and onnxruntime_onnx variants)

@@ -1,4 +1,4 @@
-"""What the ``lumireg`` model does around the network: integrate, warp, the QC report.
+"""What the ``lumireg`` model does around the network: the cascade of passes, integrate, warp, the QC report.
 
 The same functions run inside the server (:mod:`lumireg.service.registration_model`)
 and in process (:func:`register_in_process`: the reference the service is
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from lumireg import __version__
-from lumireg.contract import CHECKPOINT_FILE, INTEGRATION_STEPS, NCC_WINDOW, OUTPUT_NAMES
+from lumireg.contract import CHECKPOINT_FILE, DEFAULT_PASSES, INTEGRATION_STEPS, NCC_WINDOW, OUTPUT_NAMES
 from lumireg.evaluate.metrics import jacobian_determinant, ndv_percent
 from lumireg.kernels import local_ncc, warp
-from lumireg.network.model import velocity_to_displacement
+from lumireg.network.cascade import cascade, cascade_inverse
 
 
 class StageTimer:
@@ -41,11 +41,14 @@ class StageTimer:
         yield
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
-                   model: str) -> list[dict]:
+                   model: str, passes: int = 1) -> list[dict]:
     """One QC dict per pair.
 
     Keys: ``ndv_percent`` (non-diffeomorphic volume in % of the moving image's
@@ -53,12 +56,14 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
     ``ncc_before`` / ``ncc_after`` (mean local NCC, window :data:`~lumireg.contract.NCC_WINDOW`, of fixed vs
     moving and fixed vs warped; 1 = identical up to local affine intensity
     changes), ``jacobian_min`` (smallest central-difference Jacobian
-    determinant; <= 0 means folding), ``model`` and ``version`` (lumireg's).
+    determinant; <= 0 means folding), ``passes`` (network passes composed),
+    ``model`` and ``version`` (lumireg's).
 
     Args:
         fixed, moving, warped: ``(B, 1, D, H, W)`` on one device, any real dtype (0..255).
         displacement: ``(B, 3, D, H, W)`` voxels.
         model: the name of the weights, reported as is.
+        passes: the network passes that made ``displacement``, reported as is.
     """
     def folding() -> list[tuple[float, float]]:  # on the field's device; the metrics take [D, H, W, 3]
         fields = [field.permute(1, 2, 3, 0) for field in displacement]
@@ -76,18 +81,49 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
     reports = []
     for (ndv, jacobian_min), before, after in zip(geometry, ncc_before, ncc_after):
         reports.append({"ndv_percent": ndv, "ncc_before": before, "ncc_after": after, "jacobian_min": jacobian_min,
-                        "model": model, "version": __version__})
+                        "passes": passes, "model": model, "version": __version__})
     return reports
 
 
-def postprocess(velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, wanted, *,
+def transform(network, fixed: torch.Tensor, moving: torch.Tensor, passes: int = 1, *,
+              steps: int = INTEGRATION_STEPS, timer: StageTimer | None = None) -> tuple[torch.Tensor, list]:
+    """The network's transform of a batch: ``passes`` network passes, composed (:func:`lumireg.network.cascade.cascade`).
+
+    Args:
+        network: ``(fixed, moving) -> velocity`` on uint8 ``(B, 1, D, H, W)`` tensors (the BLS call
+            to ``lumireg_network``, or :func:`network_runner`); returns ``(B, 3, D/2, H/2, W/2)``.
+        fixed, moving: ``uint8 (B, 1, D, H, W)``, one device.
+        passes: network passes (1 = the network alone).
+        timer: collects seconds in ``network`` (the network's calls) and ``integrate`` (the rest).
+
+    Returns:
+        ``(displacement, velocities)``: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the
+        fixed grid, on ``fixed``'s device; the passes' velocities, for :func:`postprocess`.
+    """
+    timer = timer or StageTimer()
+    device = fixed.device
+
+    def timed_network(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        with timer.stage("network", device):
+            return network(f, m).to(device)
+
+    start, network_before = time.perf_counter(), timer.seconds.get("network", 0.0)
+    displacement, velocities = cascade(timed_network, fixed, moving, passes, steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timer.add("integrate", time.perf_counter() - start - (timer.seconds["network"] - network_before))
+    return displacement, velocities
+
+
+def postprocess(displacement: torch.Tensor, velocities: list, fixed: torch.Tensor, moving: torch.Tensor, wanted, *,
                 moving_labels: torch.Tensor | None = None, steps: int = INTEGRATION_STEPS, model: str = "lumireg",
                 timer: StageTimer | None = None) -> dict:
     """The requested outputs of the ``lumireg`` model for a batch of pairs.
 
     Args:
-        velocity: ``(B, 3, D/2, H/2, W/2)`` float32 network velocity (half-resolution voxels).
-        fixed, moving: ``uint8 (B, 1, D, H, W)`` on the velocity's device.
+        displacement: ``(B, 3, D, H, W)`` float32 pull-back displacement in voxels (:func:`transform`).
+        velocities: the passes' ``(B, 3, D/2, H/2, W/2)`` velocities (half-resolution voxels), for the inverse.
+        fixed, moving: ``uint8 (B, 1, D, H, W)`` on the displacement's device.
         wanted: output names (:data:`lumireg.contract.OUTPUT_NAMES`).
         moving_labels: ``int32 (B, 1, D, H, W)``; needed for ``warped_labels``.
         steps: scaling-and-squaring steps (the network's).
@@ -105,12 +141,11 @@ def postprocess(velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tenso
     if "warped_labels" in wanted and moving_labels is None:
         raise ValueError("output 'warped_labels' needs the input 'moving_labels'")
     timer = timer or StageTimer()
-    device = velocity.device
+    device = displacement.device
     out = {}
-    with timer.stage("integrate", device):
-        displacement = velocity_to_displacement(velocity, steps)
-        if "inverse_displacement" in wanted:
-            out["inverse_displacement"] = velocity_to_displacement(-velocity, steps)
+    if "inverse_displacement" in wanted:
+        with timer.stage("integrate", device):
+            out["inverse_displacement"] = cascade_inverse(velocities, steps)
     with timer.stage("warp", device):
         if "warped" in wanted or "qc" in wanted:
             warped = warp(moving.float(), displacement)
@@ -124,7 +159,8 @@ def postprocess(velocity: torch.Tensor, fixed: torch.Tensor, moving: torch.Tenso
         out["displacement_fp16"] = displacement.half()
     if "qc" in wanted:
         with timer.stage("qc", device):
-            out["qc"] = [json.dumps(report) for report in quality_report(fixed, moving, warped, displacement, model)]
+            out["qc"] = [json.dumps(report) for report in quality_report(fixed, moving, warped, displacement, model,
+                                                                         len(velocities))]
     return out
 
 
@@ -158,7 +194,7 @@ def network_runner(onnx_path: str | Path, device: torch.device):
     return run_onnxruntime
 
 
-def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, *,
+def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, *, passes: int = DEFAULT_PASSES,
                         moving_labels: np.ndarray | None = None, device: str = "cpu", steps: int = INTEGRATION_STEPS,
                         model: str = "lumireg", timer: StageTimer | None = None) -> dict:
     """The service's computation without the service: numpy in, :func:`postprocess`'s dict out.
@@ -166,6 +202,7 @@ def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, 
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 tensors (:func:`network_runner`).
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
+        passes: network passes (the request parameter ``passes``).
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
         device: where the post-processing runs.
     """
@@ -173,7 +210,6 @@ def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, 
     target = torch.device(device)
     as_tensor = (lambda a: None if a is None else torch.as_tensor(a, device=target))
     fixed, moving = as_tensor(fixed), as_tensor(moving)
-    with timer.stage("network", target):
-        velocity = network(fixed, moving).to(target)
-    return postprocess(velocity, fixed, moving, wanted, moving_labels=as_tensor(moving_labels),
+    displacement, velocities = transform(network, fixed, moving, passes, steps=steps, timer=timer)
+    return postprocess(displacement, velocities, fixed, moving, wanted, moving_labels=as_tensor(moving_labels),
                        steps=steps, model=model, timer=timer)

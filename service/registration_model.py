@@ -4,10 +4,13 @@ For each batch of requests (Triton's dynamic batcher gathers up to 8 pairs):
 
 1. checks what each request asks for (a request that cannot be served gets
    its own error; the rest of the batch goes on);
-2. sends all pairs in one request to ``lumireg_network`` (BLS) for the
-   half-resolution velocity;
-3. per request, :func:`lumireg.service.pipeline.postprocess` integrates,
-   warps and writes the QC report, on the instance's device: Triton kernels
+2. per group of requests with the same ``passes`` (request parameter,
+   :data:`lumireg.contract.PARAMETERS`), sends all their pairs in one request
+   to ``lumireg_network`` (BLS) for the half-resolution velocity, once per
+   pass, warping the moving images between passes and composing the
+   transforms (:func:`lumireg.service.pipeline.transform`);
+3. per request, :func:`lumireg.service.pipeline.postprocess` warps, inverts
+   on demand and writes the QC report, on the instance's device: Triton kernels
    on a GPU, their PyTorch twins on a CPU;
 4. answers with the outputs the request asked for, and records the stage
    times and each pair's NDV in the metrics (:class:`lumireg.service.backend.Metrics`).
@@ -35,9 +38,9 @@ import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from lumireg.contract import (ENTRY_MODEL, EXPORT_RECORD, INTEGRATION_STEPS, NETWORK_INPUT_NAMES as IMAGES,
-                              NETWORK_OUTPUT_NAME as VELOCITY, OUTPUT_NAMES)
+                              NETWORK_OUTPUT_NAME as VELOCITY, OUTPUT_NAMES, request_parameters)
 from lumireg.service.backend import Metrics, error_response, input_tensor, instance_device, output_tensor
-from lumireg.service.pipeline import StageTimer, postprocess
+from lumireg.service.pipeline import StageTimer, postprocess, transform
 
 
 class RequestError(Exception):
@@ -78,6 +81,14 @@ class TritonPythonModel:
                              "send moving_labels (INT32 [1, 160, 224, 192]) or do not request warped_labels")
         return wanted
 
+    @staticmethod
+    def _parameters(request) -> dict:
+        """The request's parameters (:func:`lumireg.contract.request_parameters`); ``BadRequest`` if wrong."""
+        try:
+            return request_parameters(json.loads(request.parameters() or "{}"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
     def _network_ready(self) -> bool:
         """Whether the network model is loaded and ready now (False when the server cannot say)."""
         try:
@@ -107,12 +118,13 @@ class TritonPythonModel:
     def execute(self, requests) -> list:
         start = time.perf_counter()
         responses: list = [None] * len(requests)
-        accepted = []  # (index, fixed, moving, labels, wanted)
+        accepted = []  # (index, fixed, moving, labels, wanted, parameters)
         for index, request in enumerate(requests):
             try:
                 images = [input_tensor(request, name, self.device) for name in IMAGES]
                 labels = input_tensor(request, "moving_labels", self.device)
-                accepted.append((index, *images, labels, self._wanted(request, labels is not None)))
+                accepted.append((index, *images, labels, self._wanted(request, labels is not None),
+                                 self._parameters(request)))
             except Exception as exc:  # this request only; the rest of the batch goes on
                 responses[index] = self._error(exc, "")
         if accepted:
@@ -132,22 +144,28 @@ class TritonPythonModel:
 
     def _register(self, requests, accepted, responses) -> None:
         timer = StageTimer()
-        with timer.stage("network", self.device):
-            velocity = self._velocity(torch.cat([a[1] for a in accepted]), torch.cat([a[2] for a in accepted]))
-        row = 0
-        for index, fixed, moving, labels, wanted in accepted:
-            rows = slice(row, row + fixed.shape[0])
-            row = rows.stop
-            out = postprocess(velocity[rows], fixed, moving, wanted, moving_labels=labels, steps=self.steps,
-                              model=self.weights, timer=timer)
-            tensors = []
-            for name, value in out.items():
-                if name == "qc":
-                    for report in value:
-                        self.metrics.ndv.observe(json.loads(report)["ndv_percent"])
-                    value = np.array([[report.encode()] for report in value], dtype=np.object_)
-                tensors.append(output_tensor(name, value))
-            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
-            self.metrics.pairs.increment(fixed.shape[0])
+        for passes in sorted({a[5]["passes"] for a in accepted}):
+            group = [a for a in accepted if a[5]["passes"] == passes]
+            fixed, moving = torch.cat([a[1] for a in group]), torch.cat([a[2] for a in group])
+            displacement, velocities = transform(self._velocity, fixed, moving, passes, steps=self.steps, timer=timer)
+            row = 0
+            for index, fixed, moving, labels, wanted, _ in group:
+                rows = slice(row, row + fixed.shape[0])
+                row = rows.stop
+                out = postprocess(displacement[rows], [v[rows] for v in velocities], fixed, moving, wanted,
+                                  moving_labels=labels, steps=self.steps, model=self.weights, timer=timer)
+                responses[index] = self._response(out)
+                self.metrics.pairs.increment(fixed.shape[0])
         for stage, seconds in timer.seconds.items():
             self.metrics.stage(stage, seconds)
+
+    def _response(self, out: dict) -> "pb_utils.InferenceResponse":
+        """The response holding :func:`postprocess`'s outputs; each QC report's NDV goes into the metrics."""
+        tensors = []
+        for name, value in out.items():
+            if name == "qc":
+                for report in value:
+                    self.metrics.ndv.observe(json.loads(report)["ndv_percent"])
+                value = np.array([[report.encode()] for report in value], dtype=np.object_)
+            tensors.append(output_tensor(name, value))
+        return pb_utils.InferenceResponse(output_tensors=tensors)

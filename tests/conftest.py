@@ -17,7 +17,7 @@ if TRITON_DEVICE == "cpu":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lumireg.contract import intensities_to_uint8  # noqa: E402
+from lumireg.contract import DEFAULT_PASSES, intensities_to_uint8  # noqa: E402
 from lumireg.export.repository import SOURCE_REPOSITORY  # noqa: E402
 from lumireg.kernels import _dispatch  # noqa: E402
 from lumireg.service.runner import ensure_exported  # noqa: E402
@@ -80,12 +80,27 @@ def pair():
             "moving_labels": sample["moving_labels"].numpy().astype(np.int32)[None]}
 
 
-@pytest.fixture(scope="session")
-def in_process(pair):
-    """The bundled network in PyTorch on the test pair: forward and inverse displacement, float32."""
+def _in_process(pair, passes: int) -> dict:
+    """The bundled network in PyTorch on the test pair, ``passes`` passes as the server runs them (uint8 between
+    passes): forward and inverse displacement, float32."""
+    from lumireg.network.cascade import cascade, cascade_inverse
     from lumireg.network.checkpoint import load_model
 
     model = load_model()
+    fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
     with torch.no_grad():
-        forward, inverse = model.forward_and_inverse(*(torch.from_numpy(pair[k]).float() / 255 for k in ("fixed", "moving")))
-    return {"displacement": forward.numpy(), "inverse_displacement": inverse.numpy()}
+        forward, velocities = cascade(lambda f, m: model.velocity(f.float() / 255, m.float() / 255), fixed, moving,
+                                      passes)
+        return {"displacement": forward.numpy(), "inverse_displacement": cascade_inverse(velocities).numpy()}
+
+
+@pytest.fixture(scope="session")
+def in_process(pair):
+    """What the server answers by default (``passes`` at its default), computed in process."""
+    return _in_process(pair, DEFAULT_PASSES)
+
+
+@pytest.fixture(scope="session")
+def in_process_one_pass(pair):
+    """The network alone (``passes=1``), computed in process."""
+    return _in_process(pair, 1)

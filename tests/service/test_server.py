@@ -12,12 +12,12 @@ from lumireg.benchmarks.serving import scrape, total
 from lumireg.client.transport import payload_inputs
 from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
 from lumireg.kernels import warp
-from lumireg.contract import OUTPUT_NAMES
+from lumireg.contract import DEFAULT_PASSES, OUTPUT_NAMES
 
 
-def infer(client, outputs, **arrays):
+def infer(client, outputs, parameters=None, **arrays):
     requested = [grpcclient.InferRequestedOutput(o) for o in outputs]
-    return client.infer("lumireg", payload_inputs(arrays), outputs=requested)
+    return client.infer("lumireg", payload_inputs(arrays), outputs=requested, parameters=parameters)
 
 
 def returned(result) -> set:
@@ -58,7 +58,8 @@ def test_warped_outputs_follow_the_returned_field(full, pair):
 
 def test_qc_report_matches_the_evaluator(full, pair):
     qc = json.loads(full.as_numpy("qc")[0, 0])
-    assert set(qc) == {"ndv_percent", "ncc_before", "ncc_after", "jacobian_min", "model", "version"}
+    assert set(qc) == {"ndv_percent", "ncc_before", "ncc_after", "jacobian_min", "passes", "model", "version"}
+    assert qc["passes"] == DEFAULT_PASSES
     field = as_channels_last(full.as_numpy("displacement")[0])
     assert qc["ndv_percent"] == pytest.approx(ndv_percent(field, pair["moving"][0, 0]), abs=1e-9)
     assert qc["jacobian_min"] == pytest.approx(float(jacobian_determinant(field).min()), rel=1e-9)
@@ -76,11 +77,14 @@ def test_no_outputs_named_gives_all_that_can_be_made(client, pair):
     assert returned(result) == set(OUTPUT_NAMES) - {"warped_labels"}
 
 
-def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process):
-    """Two pairs in one request, and two requests in flight (the dynamic batcher may merge them)."""
+def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process_one_pass):
+    """Two pairs in one request, and two requests in flight (the dynamic batcher may merge them); one pass,
+    where swapping the images gives exactly the inverse."""
+    in_process = in_process_one_pass
+    one_pass = {"passes": 1}
     swapped = {"fixed": np.concatenate([pair["fixed"], pair["moving"]]),
                "moving": np.concatenate([pair["moving"], pair["fixed"]])}
-    batch = infer(client, ["displacement"], **swapped).as_numpy("displacement")
+    batch = infer(client, ["displacement"], one_pass, **swapped).as_numpy("displacement")
     assert batch.shape == (2, 3, 160, 224, 192)
     assert np.abs(batch[:1] - in_process["displacement"]).max() <= 1e-3
     assert np.abs(batch[1:] - in_process["inverse_displacement"]).max() <= 1e-3  # swapping the images inverts
@@ -89,7 +93,8 @@ def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_proce
     for name, (f, m) in {"forward": (pair["fixed"], pair["moving"]), "swapped": (pair["moving"], pair["fixed"])}.items():
         callback = lambda result, error, name=name: results.__setitem__(name, (result, error))  # noqa: E731
         pending.append(client.async_infer("lumireg", payload_inputs(dict(fixed=f, moving=m)), callback,
-                                          outputs=[grpcclient.InferRequestedOutput("displacement")]))
+                                          outputs=[grpcclient.InferRequestedOutput("displacement")],
+                                          parameters=one_pass))
     import time
 
     deadline = time.monotonic() + 120
@@ -98,6 +103,23 @@ def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_proce
     assert all(error is None for _, error in results.values())
     assert np.abs(results["forward"][0].as_numpy("displacement") - in_process["displacement"]).max() <= 1e-3
     assert np.abs(results["swapped"][0].as_numpy("displacement") - in_process["inverse_displacement"]).max() <= 1e-3
+
+
+def test_passes_parameter_chooses_the_cascade(client, pair, in_process_one_pass, in_process):
+    alone = infer(client, ["displacement", "qc"], {"passes": 1}, fixed=pair["fixed"], moving=pair["moving"])
+    assert np.abs(alone.as_numpy("displacement") - in_process_one_pass["displacement"]).max() <= 1e-3
+    assert json.loads(alone.as_numpy("qc")[0, 0])["passes"] == 1
+    assert np.abs(in_process["displacement"] - in_process_one_pass["displacement"]).max() > 0.1  # passes matter
+
+
+@pytest.mark.parametrize("parameters,words", [({"passes": 0}, ["passes", "1..4"]), ({"passes": 9}, ["passes", "1..4"]),
+                                              ({"passes": "two"}, ["passes", "int"]), ({"pases": 2}, ["pases"])])
+def test_bad_parameters_are_refused_with_invalid_argument(client, server, pair, parameters, words):
+    with pytest.raises(InferenceServerException) as error:
+        infer(client, ["displacement_fp16"], parameters, fixed=pair["fixed"], moving=pair["moving"])
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert all(word in error.value.message() for word in words), error.value.message()
+    assert server.ready()
 
 
 BAD_REQUESTS = {
