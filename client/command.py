@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from lumireg.contract import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                              lumir_case_names)
+from lumireg.contract import (DEFAULT_PASSES, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
+                              PARAMETERS, lumir_case_names)
 
 DEFAULT_OUTPUTS = ("displacement", "warped", "qc")  # and warped_labels for a pair with labels
 LABEL_KEY = "moving_label"  # a LUMIR / Learn2Reg dataset JSON entry's moving label map (see lumireg.train.lumir)
@@ -133,7 +133,7 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
 
     outputs = requested or default_outputs(args.labels is not None, DEFAULT_OUTPUTS)
     result = client.register(args.fixed, args.moving, outputs, moving_labels=args.labels,
-                             precision=args.precision, field_format=args.field_format)
+                             precision=args.precision, field_format=args.field_format, passes=args.passes)
     written = result.save(args.out)
     for name in written:
         print(f"{name}: {Path(args.out) / FILES[name]}")
@@ -190,7 +190,7 @@ def _batch(args, client, requested: tuple[str, ...] | None) -> int:
 
     def one(job: _Job) -> None:
         result = client.register(job.pair.fixed, job.pair.moving, job.outputs, moving_labels=job.pair.moving_labels,
-                                 precision=args.precision, field_format=args.field_format)
+                                 precision=args.precision, field_format=args.field_format, passes=args.passes)
         if args.lumir_submission:
             _save_submission(result, job.target, args.fp16)
         else:
@@ -301,6 +301,10 @@ def add_parser(sub) -> None:
     register.add_argument("--lumir-submission", action="store_true",
                           help="batch: write the challenge's disp_{fixedID}_{movingID}.nii.gz files")
     register.add_argument("--fp16", action="store_true", help="with --lumir-submission: float16 .npz files")
+    low, high = PARAMETERS["passes"][2:4]
+    register.add_argument("--passes", type=int, choices=range(low, high + 1), metavar=f"{{{low}..{high}}}",
+                          help=f"network passes, each on the pair warped by the ones before (default: the server's, "
+                               f"{DEFAULT_PASSES})")
     register.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default: 600)")
     register.add_argument("--retry-seconds", type=float, default=60.0,
                           help="how long to retry while the server is unavailable (default: 60)")

@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from lumireg.client import geometry
 from lumireg.client.transport import GrpcTransport, SharedMemoryTransport
-from lumireg.contract import ENTRY_MODEL
+from lumireg.contract import ENTRY_MODEL, request_parameters
 
 RESULT_OUTPUTS = ("displacement", "inverse_displacement", "warped", "warped_labels", "qc")
 DEFAULT_OUTPUTS = ("displacement", "warped")  # and warped_labels when moving labels are given
@@ -190,8 +190,11 @@ class RegistrationClient:
         except InferenceServerException:
             return False
 
-    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str],
+              parameters: dict | None = None) -> dict[str, np.ndarray]:
         """One request of the wire contract (batch axis included), retried while the server is unavailable.
+
+        ``parameters``: request parameters (:data:`lumireg.contract.PARAMETERS`); None sends none (server defaults).
 
         What happens is decided by the request's gRPC status, never by its
         message: :data:`RETRY_STATUSES` are retried with exponential backoff
@@ -207,7 +210,7 @@ class RegistrationClient:
                 if reset:
                     self.transport.reset(self.client)
                     reset = False
-                return self.transport.infer(self.client, inputs, outputs, self.timeout)
+                return self.transport.infer(self.client, inputs, outputs, self.timeout, parameters)
             except InferenceServerException as exc:
                 status, message = exc.status(), exc.message() or str(exc)
                 if status == DEADLINE_EXCEEDED:
@@ -221,7 +224,7 @@ class RegistrationClient:
                 delay, reset = min(2 * delay, 5.0), True
 
     def register(self, fixed, moving, outputs=None, moving_labels=None, *, fixed_affine=None, moving_affine=None,
-                 precision: str = "float16", field_format: str = "lumir") -> RegistrationResult:
+                 precision: str = "float16", field_format: str = "lumir", passes: int | None = None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
         Args:
@@ -235,6 +238,7 @@ class RegistrationClient:
             precision: ``"float16"`` (half the bytes on the wire) or
                 ``"float32"`` for the displacement fields.
             field_format: ``"lumir"``, or ``"itk"`` to also get ``displacement_itk``.
+            passes: network passes (request parameter ``passes``, 1..4); None: the server's default.
 
         Returns:
             a :class:`RegistrationResult` holding the outputs asked for, each
@@ -246,6 +250,7 @@ class RegistrationClient:
             refused (its message included). ServerUnavailable: no server.
         """
         start = time.perf_counter()
+        parameters = None if passes is None else {"passes": request_parameters({"passes": passes})["passes"]}
         if outputs is None:
             outputs = default_outputs(moving_labels is not None)
         outputs = _checked_outputs(outputs, precision, field_format, moving_labels is not None)
@@ -253,7 +258,7 @@ class RegistrationClient:
                         moving_labels)
         inputs, wire = _request(placed, outputs, precision)
         sent = time.perf_counter()
-        answer = self.infer(inputs, wire)
+        answer = self.infer(inputs, wire, parameters)
         result = RegistrationResult(seconds={"server": time.perf_counter() - sent})
         _reassemble(result, answer, placed, outputs, precision, field_format)
         result.seconds["total"] = time.perf_counter() - start

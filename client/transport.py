@@ -56,9 +56,10 @@ def output_nbytes(name: str, batch: int) -> int:
 class GrpcTransport:
     """Tensors in the gRPC messages."""
 
-    def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None) -> dict:
+    def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None,
+              parameters: dict | None = None) -> dict:
         result = client.infer(ENTRY_MODEL, payload_inputs(inputs), outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
-                              client_timeout=timeout)
+                              client_timeout=timeout, parameters=parameters)
         return {name: np.array(result.as_numpy(name)) for name in outputs}
 
     def reset(self, client) -> None:
@@ -126,14 +127,15 @@ class SharedMemoryTransport:
         region.register(client)
         return region
 
-    def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None) -> dict:
+    def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None,
+              parameters: dict | None = None) -> dict:
         slot = self._free.get()
         try:
-            return self._infer(client, slot, inputs, outputs, timeout)
+            return self._infer(client, slot, inputs, outputs, timeout, parameters)
         finally:
             self._free.put(slot)
 
-    def _infer(self, client, slot, inputs, outputs, timeout) -> dict:
+    def _infer(self, client, slot, inputs, outputs, timeout, parameters) -> dict:
         arrays = [np.ascontiguousarray(a) for a in inputs.values()]
         region = self._region(client, slot, "in", sum(a.nbytes for a in arrays))
         shm.set_shared_memory_region(region.handle, arrays)
@@ -154,7 +156,7 @@ class SharedMemoryTransport:
                 places[name] = offset
                 offset += output_nbytes(name, batch)
             requested.append(request)
-        result = client.infer(ENTRY_MODEL, tensors, outputs=requested, client_timeout=timeout)
+        result = client.infer(ENTRY_MODEL, tensors, outputs=requested, client_timeout=timeout, parameters=parameters)
         answer = {}
         for name in outputs:
             if name in places:
