@@ -34,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lumireg.benchmarks.machine import cpu_model, header, slug
-from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, check_size_multiple
+from lumireg.contract import (DEFAULT_PASSES, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, check_size_multiple,
+                              intensities_to_uint8)
 from lumireg.evaluate import (
     as_channels_last,
     dice,
@@ -45,7 +46,7 @@ from lumireg.evaluate import (
     warp_labels_nearest,
 )
 
-METHODS = ("none", "syn", "lumireg")
+METHODS = ("none", "syn", "lumireg", "lumireg-cascade")  # lumireg-cascade: the service's default passes
 METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
 SETS = {  # name -> where its pairs come from
     "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
@@ -78,15 +79,26 @@ def _register_syn(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
     return np.stack(disp).astype(np.float32)
 
 
-def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
+def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, passes: int = 1) -> np.ndarray:
+    """The network in PyTorch, ``passes`` passes as the server runs them (uint8 images between passes)."""
     import torch
 
+    from lumireg.network.cascade import cascade
+
+    def network(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return model.velocity(f.float() / 255, m.float() / 255)
+
     with torch.inference_mode():
-        pair = [torch.from_numpy(image)[None, None] for image in (fixed, moving)]
-        return model(*pair)[0].numpy()
+        pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
+        return cascade(network, *pair, passes, model.config.steps)[0][0].numpy()
 
 
-REGISTER = {"none": _register_none, "syn": _register_syn, "lumireg": _register_lumireg}
+REGISTER = {
+    "none": _register_none,
+    "syn": _register_syn,
+    "lumireg": _register_lumireg,  # the network alone
+    "lumireg-cascade": lambda fixed, moving, model: _register_lumireg(fixed, moving, model, DEFAULT_PASSES),
+}
 
 
 def score(disp: np.ndarray, sample: dict, labels: list[int]) -> dict:
@@ -98,7 +110,7 @@ def score(disp: np.ndarray, sample: dict, labels: list[int]) -> dict:
     mask = sample["moving"][0].numpy() > 0
     return {
         "dice": float(np.nanmean(dice(fixed_labels, warped, labels, moving_labels))),
-        "hd95": float(np.nanmean(hd95(fixed_labels, warped, labels))),
+        "hd95": float(np.nanmean(hd95(fixed_labels, warped, labels, moving_labels))),
         "ndv_percent": float(ndv_percent(field, mask)),
         "sdlogj": float(sdlogj(field, mask)),
     }
@@ -142,12 +154,12 @@ def _figure(shown: dict, path: Path) -> None:
 
 def _print_table(table: dict) -> None:
     """One table, a section per set: ``table`` is ``{set: {"methods": {method: entry}}}``."""
-    print(f"{'set':<12} {'method':<9} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} "
+    print(f"{'set':<12} {'method':<15} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} "
           f"{'s/pair':>8}")
     for set_name, entries in table.items():
         for method, entry in entries["methods"].items():
             s = entry["summary"]
-            print(f"{set_name:<12} {method:<9} {entry['pairs']:>5} "
+            print(f"{set_name:<12} {method:<15} {entry['pairs']:>5} "
                   + " ".join(f"{s[m]['mean']:>7.4f}±{s[m]['std']:<7.4f}" for m in ("dice", "hd95"))
                   + f" {s['ndv_percent']['mean']:>8.5f}±{s['ndv_percent']['std']:<8.5f}"
                   + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}")
@@ -227,7 +239,8 @@ def benchmark(methods, pairs: int, out: Path, shape: tuple[int, int, int] | None
                     shown[set_name] = (sample, disp)
         for method in methods:
             result = {**header("accuracy", f"cpu {cpu_model()}"), "set": set_name, "method": method,
-                      "checkpoint": str(checkpoint or "bundled default") if method == "lumireg" else None,
+                      "checkpoint": str(checkpoint or "bundled default") if method.startswith("lumireg") else None,
+                      "passes": {"lumireg": 1, "lumireg-cascade": DEFAULT_PASSES}.get(method),
                       "shape": list(sample["fixed"].shape[1:]), "pairs": len(rows[method]),
                       "summary": _summary(rows[method]), "rows": rows[method]}
             (out / _result_file(set_name, method)).write_text(json.dumps(result, indent=1) + "\n")
@@ -240,7 +253,7 @@ def benchmark(methods, pairs: int, out: Path, shape: tuple[int, int, int] | None
                 entry = json.loads(path.read_text())
                 entry.setdefault("commit", entry.get("lumireg_commit"))  # files written before the common header
                 entries[method] = {k: entry.get(k) for k in ("pairs", "shape", "summary", "device", "commit", "date",
-                                                             "checkpoint")}
+                                                             "checkpoint", "passes")}
         if entries:
             table[set_name] = {"pairs_from": SETS[set_name], "labels": len(set_labels(set_name)), "methods": entries}
     units = {"dice": "fraction, mean over the set's labels", "hd95": "voxels (1 mm at the default shape)",
@@ -279,7 +292,7 @@ def run(args) -> int:
         shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None  # None: the 1 mm canvas
         if unknown or args.pairs < 1 or (shape and len(shape) != 3) or not set(sets) <= set(SETS):
             raise ValueError
-        if shape and "lumireg" in methods:
+        if shape and any(m.startswith("lumireg") for m in methods):
             check_size_multiple(shape, "--shape")
     except ValueError as exc:
         why = f"{exc}; " if str(exc) else ""
@@ -292,7 +305,7 @@ def run(args) -> int:
               "or leave syn out of --methods", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
     try:
-        model = load_model(args.checkpoint) if "lumireg" in methods else None
+        model = load_model(args.checkpoint) if any(m.startswith("lumireg") for m in methods) else None
     except (FileNotFoundError, ValueError) as exc:
         print(f"lumireg bench accuracy: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lumireg.cli import build_parser
-from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
+from lumireg.contract import DEFAULT_PASSES, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 
 
 def _process_age() -> float:
@@ -23,7 +23,7 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     sets = json.loads((folder / "accuracy.json").read_text())["sets"]
     assert list(sets) == ["synthetic", "independent"]  # both by default
     assert (sets["synthetic"]["labels"], sets["independent"]["labels"]) == (24, 54)
-    assert [sorted(entries["methods"]) for entries in sets.values()] == [["lumireg", "none", "syn"]] * 2
+    assert [sorted(entries["methods"]) for entries in sets.values()] == [["lumireg", "lumireg-cascade", "none", "syn"]] * 2
     assert sets["independent"]["methods"]["none"]["pairs"] == 2
     table = sets["synthetic"]["methods"]
     for method, entry in table.items():
@@ -45,7 +45,9 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
         assert summary["none"] < 0.01 * summary["syn"], (set_name, summary)
     assert sum(timed) < _process_age(), (sum(timed), _process_age())
     # an untrained network starts at the identity: it scores as no registration does
-    assert abs(table["lumireg"]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
+    for method in ("lumireg", "lumireg-cascade"):
+        assert abs(table[method]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
+    assert (table["lumireg"]["passes"], table["lumireg-cascade"]["passes"]) == (1, DEFAULT_PASSES)
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
