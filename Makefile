@@ -25,8 +25,10 @@ serve: $(NETWORK)
 bench: $(STAMP)
 	$(VENV)/bin/lumireg bench kernels
 
-## test: run the test suite (CPU; the Triton kernels run under TRITON_INTERPRET=1)
+## test: lint and format check (ruff), then the test suite (CPU; the Triton kernels run under TRITON_INTERPRET=1)
 test: $(STAMP) $(NETWORK)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest
 
 clean:

@@ -13,6 +13,7 @@ import sys
 from lumireg import __version__
 from lumireg.contract import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
+
 def _evaluate(args: argparse.Namespace) -> int:
     from lumireg.evaluate import runner
 
@@ -24,10 +25,21 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = TrainConfig(
-            data=args.data, synthetic=args.synthetic, init=args.init, steps=args.steps, batch_size=args.batch_size,
-            crop=tuple(int(c) for c in args.crop.split(",")), crops_per_pair=args.crops_per_pair, lr=args.lr, similarity=args.similarity,
-            smooth_weight=args.smooth_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            log_every=args.log_every, workers=args.workers, amp=not args.no_amp,
+            data=args.data,
+            synthetic=args.synthetic,
+            init=args.init,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            crop=tuple(int(c) for c in args.crop.split(",")),
+            crops_per_pair=args.crops_per_pair,
+            lr=args.lr,
+            similarity=args.similarity,
+            smooth_weight=args.smooth_weight,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every,
+            workers=args.workers,
+            amp=not args.no_amp,
         )
         model = train(config, args.out, resume=args.resume, device=args.device, command=["lumireg", *sys.argv[1:]])
     except (ValueError, FileNotFoundError) as exc:
@@ -38,21 +50,37 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    train = sub.add_parser("train", help="train the registration network without labels",
-                           description="Unsupervised training (NCC or MI + smoothness); torchrun for several processes.")
-    train.add_argument("--data", default="synthetic",
-                       help="'synthetic' (pairs from the bundled MNI template) or a LUMIR dataset JSON (default: synthetic)")
-    train.add_argument("--synthetic", default="lumir", choices=("lumir", "broad"),
-                       help="synthetic pair distribution: lumir (one 16 mm scale) or broad (+ a coarse 48 mm scale, "
-                            "more contrasts) (default: lumir)")
+    train = sub.add_parser(
+        "train",
+        help="train the registration network without labels",
+        description="Unsupervised training (NCC or MI + smoothness); torchrun for several processes.",
+    )
+    train.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (pairs from the bundled MNI template) or a LUMIR dataset JSON (default: synthetic)",
+    )
+    train.add_argument(
+        "--synthetic",
+        default="lumir",
+        choices=("lumir", "broad"),
+        help="synthetic pair distribution: lumir (one 16 mm scale) or broad (+ a coarse 48 mm scale, "
+        "more contrasts) (default: lumir)",
+    )
     train.add_argument("--init", help="a checkpoint whose weights start the run (fine-tuning; default: fresh weights)")
-    train.add_argument("--out", default="runs/train", help="folder for checkpoints, log and loss plot (default: runs/train)")
+    train.add_argument(
+        "--out", default="runs/train", help="folder for checkpoints, log and loss plot (default: runs/train)"
+    )
     train.add_argument("--steps", type=int, default=2000, help="optimiser steps in all (default: 2000)")
     train.add_argument("--batch-size", type=int, default=1, help="pairs per step and process (default: 1)")
-    train.add_argument("--crop", default="96,96,96", help="training window D,H,W in voxels, multiples of 16 (default: 96,96,96)")
+    train.add_argument(
+        "--crop", default="96,96,96", help="training window D,H,W in voxels, multiples of 16 (default: 96,96,96)"
+    )
     train.add_argument("--crops-per-pair", type=int, default=2, help="training windows cut from each pair (default: 2)")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    train.add_argument("--similarity", choices=("ncc", "mi"), default="ncc", help="ncc (same contrast) or mi (cross-contrast)")
+    train.add_argument(
+        "--similarity", choices=("ncc", "mi"), default="ncc", help="ncc (same contrast) or mi (cross-contrast)"
+    )
     train.add_argument("--smooth-weight", type=float, default=1.0, help="weight of |grad v|^2 (default: 1.0)")
     train.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream (default: 0)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")

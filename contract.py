@@ -54,8 +54,9 @@ def intensities_to_uint8(unit):
 _LUMIR_IMAGE = re.compile(r"_(\d{4})_(\d{4})\.nii\.gz$")  # LUMIRMRI_{ID}_{modality}.nii.gz
 
 
-def displacement_file_stem(fixed_id: str, moving_id: str, fixed_modality: str | None = None,
-                           moving_modality: str | None = None) -> str:
+def displacement_file_stem(
+    fixed_id: str, moving_id: str, fixed_modality: str | None = None, moving_modality: str | None = None
+) -> str:
     """LUMIR's name of a displacement field, without its suffix (``.nii.gz`` or ``.npz``).
 
     ``disp_{fixed}_{moving}``; when both modality numbers are given, differ,
@@ -63,8 +64,12 @@ def displacement_file_stem(fixed_id: str, moving_id: str, fixed_modality: str | 
     name ``disp_{fixed}_{fixedMod}_{moving}_{movingMod}``, as LUMIR's evaluator
     expects.
     """
-    if fixed_modality is None or moving_modality is None or fixed_modality == moving_modality or (
-            (fixed_modality, moving_modality) == ("0000", "0001")):
+    if (
+        fixed_modality is None
+        or moving_modality is None
+        or fixed_modality == moving_modality
+        or ((fixed_modality, moving_modality) == ("0000", "0001"))
+    ):
         return f"disp_{fixed_id}_{moving_id}"
     return f"disp_{fixed_id}_{fixed_modality}_{moving_id}_{moving_modality}"
 
@@ -113,8 +118,14 @@ NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
 # --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
 # name -> (type, default, lowest, highest, meaning); a request outside the bounds gets INVALID_ARGUMENT
 PARAMETERS: dict[str, tuple[type, object, object, object, str]] = {
-    "passes": (int, 2, 1, 4, "network passes: each registers the fixed image to the moving one warped by the "
-                             "passes before it, and the transforms compose (1 = the network alone)"),
+    "passes": (
+        int,
+        2,
+        1,
+        4,
+        "network passes: each registers the fixed image to the moving one warped by the "
+        "passes before it, and the transforms compose (1 = the network alone)",
+    ),
 }
 
 DEFAULT_PASSES = PARAMETERS["passes"][1]
@@ -143,6 +154,7 @@ def request_parameters(given: dict) -> dict:
             raise ValueError(f"request parameter {name!r} must be in {lowest}..{highest}, got {value}")
         chosen[name] = value
     return chosen
+
 
 # --- the model repository's files -------------------------------------------------------------------------
 ONNX_FILE = "model.onnx"  # the network graph (python and onnxruntime_onnx variants)

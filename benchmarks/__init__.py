@@ -48,8 +48,11 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
 def add_parser(sub) -> None:
     """``lumireg bench service|load|kernels|accuracy``; ``lumireg bench`` alone lists them (exit code EXIT_USAGE)."""
-    bench = sub.add_parser("bench", help="benchmarks: service, load, kernels, accuracy",
-                           description="Benchmarks of lumireg; each subcommand has its own options (--help).")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: service, load, kernels, accuracy",
+        description="Benchmarks of lumireg; each subcommand has its own options (--help).",
+    )
     modes = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", parser_class=_BenchmarkParser)
     for name, line in BENCHMARKS.items():
         modes.add_parser(name, help=line, description=line[0].upper() + line[1:] + ".", benchmark=name)

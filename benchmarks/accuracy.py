@@ -34,8 +34,14 @@ import numpy as np
 from tqdm import tqdm
 
 from lumireg.benchmarks.machine import cpu_model, header, slug
-from lumireg.contract import (DEFAULT_PASSES, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, check_size_multiple,
-                              intensities_to_uint8)
+from lumireg.contract import (
+    DEFAULT_PASSES,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    EXIT_USAGE,
+    check_size_multiple,
+    intensities_to_uint8,
+)
 from lumireg.evaluate import (
     as_channels_last,
     dice,
@@ -51,7 +57,7 @@ METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
 SETS = {  # name -> where its pairs come from
     "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
     "independent": "lumireg.benchmarks.independent_pairs (B-spline warps, tissue-mixture contrast, Rician noise; "
-                   "no code shared with training); 54 tissue x 3x3x2 parcel labels",
+    "no code shared with training); 54 tissue x 3x3x2 parcel labels",
 }
 
 
@@ -73,7 +79,7 @@ def _register_syn(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
     transforms = ants.registration(fixed_image, moving_image, type_of_transform="SyN")["fwdtransforms"]
     grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in fixed.shape], indexing="ij")
     disp = []
-    for axis, coordinate in enumerate(grid):
+    for coordinate in grid:
         sampled = ants.apply_transforms(fixed_image, ants.from_numpy(coordinate), transforms, interpolator="linear")
         disp.append(sampled.numpy() - coordinate)
     return np.stack(disp).astype(np.float32)
@@ -117,8 +123,9 @@ def score(disp: np.ndarray, sample: dict, labels: list[int]) -> dict:
 
 
 def _summary(rows: list[dict]) -> dict:
-    return {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows]))}
-            for m in METRICS}
+    return {
+        m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows]))} for m in METRICS
+    }
 
 
 def _figure(shown: dict, path: Path) -> None:
@@ -137,8 +144,13 @@ def _figure(shown: dict, path: Path) -> None:
         warped = warp(sample["moving"][None], torch.from_numpy(disp)[None])[0, 0].numpy()
         jac = jacobian_determinant(as_channels_last(disp))
         k = fixed.shape[2] // 2  # an axial slice through the middle of the brain
-        panels = [(f"{set_name}: fixed", fixed), ("moving", moving), ("lumireg: warped moving", warped),
-                  ("|fixed - moving|", np.abs(fixed - moving)), ("|fixed - warped|", np.abs(fixed - warped))]
+        panels = [
+            (f"{set_name}: fixed", fixed),
+            ("moving", moving),
+            ("lumireg: warped moving", warped),
+            ("|fixed - moving|", np.abs(fixed - moving)),
+            ("|fixed - warped|", np.abs(fixed - warped)),
+        ]
         for ax, (title, image) in zip(axes, panels):
             ax.imshow(np.rot90(image[:, :, k]), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
@@ -154,15 +166,19 @@ def _figure(shown: dict, path: Path) -> None:
 
 def _print_table(table: dict) -> None:
     """One table, a section per set: ``table`` is ``{set: {"methods": {method: entry}}}``."""
-    print(f"{'set':<12} {'method':<15} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} "
-          f"{'s/pair':>8}")
+    print(
+        f"{'set':<12} {'method':<15} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} "
+        f"{'s/pair':>8}"
+    )
     for set_name, entries in table.items():
         for method, entry in entries["methods"].items():
             s = entry["summary"]
-            print(f"{set_name:<12} {method:<15} {entry['pairs']:>5} "
-                  + " ".join(f"{s[m]['mean']:>7.4f}±{s[m]['std']:<7.4f}" for m in ("dice", "hd95"))
-                  + f" {s['ndv_percent']['mean']:>8.5f}±{s['ndv_percent']['std']:<8.5f}"
-                  + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}")
+            print(
+                f"{set_name:<12} {method:<15} {entry['pairs']:>5} "
+                + " ".join(f"{s[m]['mean']:>7.4f}±{s[m]['std']:<7.4f}" for m in ("dice", "hd95"))
+                + f" {s['ndv_percent']['mean']:>8.5f}±{s['ndv_percent']['std']:<8.5f}"
+                + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}"
+            )
 
 
 def set_labels(name: str) -> list[int]:
@@ -195,8 +211,10 @@ def pair_set(name: str, pairs: int, shape: tuple[int, int, int] | None = None) -
     from lumireg.benchmarks.independent_pairs import independent_pair
 
     def load(index: int) -> dict:  # the generator is numpy-only; the harness and its figure take tensors
-        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                for k, v in independent_pair(index, shape).items()}
+        return {
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            for k, v in independent_pair(index, shape).items()
+        }
 
     return [lambda i=i: load(i) for i in range(pairs)]
 
@@ -206,8 +224,15 @@ def _result_file(set_name: str, method: str) -> str:
     return f"accuracy-{method}.json" if set_name == "synthetic" else f"accuracy-{set_name}-{method}.json"
 
 
-def benchmark(methods, pairs: int, out: Path, shape: tuple[int, int, int] | None = None, model=None,
-              checkpoint: str | None = None, sets=tuple(SETS)) -> dict:
+def benchmark(
+    methods,
+    pairs: int,
+    out: Path,
+    shape: tuple[int, int, int] | None = None,
+    model=None,
+    checkpoint: str | None = None,
+    sets=tuple(SETS),
+) -> dict:
     """Register ``pairs`` pairs of each of ``sets`` with each of ``methods``; write the results under ``out``.
 
     Args:
@@ -238,11 +263,17 @@ def benchmark(methods, pairs: int, out: Path, shape: tuple[int, int, int] | None
                 if method == "lumireg" and set_name not in shown:
                     shown[set_name] = (sample, disp)
         for method in methods:
-            result = {**header("accuracy", f"cpu {cpu_model()}"), "set": set_name, "method": method,
-                      "checkpoint": str(checkpoint or "bundled default") if method.startswith("lumireg") else None,
-                      "passes": {"lumireg": 1, "lumireg-cascade": DEFAULT_PASSES}.get(method),
-                      "shape": list(sample["fixed"].shape[1:]), "pairs": len(rows[method]),
-                      "summary": _summary(rows[method]), "rows": rows[method]}
+            result = {
+                **header("accuracy", f"cpu {cpu_model()}"),
+                "set": set_name,
+                "method": method,
+                "checkpoint": str(checkpoint or "bundled default") if method.startswith("lumireg") else None,
+                "passes": {"lumireg": 1, "lumireg-cascade": DEFAULT_PASSES}.get(method),
+                "shape": list(sample["fixed"].shape[1:]),
+                "pairs": len(rows[method]),
+                "summary": _summary(rows[method]),
+                "rows": rows[method],
+            }
             (out / _result_file(set_name, method)).write_text(json.dumps(result, indent=1) + "\n")
     table = {}
     for set_name in SETS:
@@ -252,13 +283,19 @@ def benchmark(methods, pairs: int, out: Path, shape: tuple[int, int, int] | None
             if path.exists():
                 entry = json.loads(path.read_text())
                 entry.setdefault("commit", entry.get("lumireg_commit"))  # files written before the common header
-                entries[method] = {k: entry.get(k) for k in ("pairs", "shape", "summary", "device", "commit", "date",
-                                                             "checkpoint", "passes")}
+                entries[method] = {
+                    k: entry.get(k)
+                    for k in ("pairs", "shape", "summary", "device", "commit", "date", "checkpoint", "passes")
+                }
         if entries:
             table[set_name] = {"pairs_from": SETS[set_name], "labels": len(set_labels(set_name)), "methods": entries}
-    units = {"dice": "fraction, mean over the set's labels", "hd95": "voxels (1 mm at the default shape)",
-             "ndv_percent": "% of moving mask", "sdlogj": "std of log Jacobian determinant",
-             "seconds": "wall seconds per pair, this CPU"}
+    units = {
+        "dice": "fraction, mean over the set's labels",
+        "hd95": "voxels (1 mm at the default shape)",
+        "ndv_percent": "% of moving mask",
+        "sdlogj": "std of log Jacobian determinant",
+        "seconds": "wall seconds per pair, this CPU",
+    }
     summary = {**header("accuracy", f"cpu {cpu_model()}"), "units": units, "sets": table}
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
     if shown:
@@ -275,8 +312,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"methods (default: {','.join(METHODS)})")
     parser.add_argument("--checkpoint", help="weights to score (default: the bundled weights)")
     parser.add_argument("--shape", help="volume size D,H,W in voxels (default: LUMIR's canvas, 160,224,192 at 1 mm)")
-    parser.add_argument("--out", default="benchmarks/results",
-                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="folder for the results, a sub-folder per device (default: benchmarks/results)",
+    )
     parser.add_argument("--sets", default=",".join(SETS), help=f"pair sets (default: {','.join(SETS)})")
 
 
@@ -296,13 +336,19 @@ def run(args) -> int:
             check_size_multiple(shape, "--shape")
     except ValueError as exc:
         why = f"{exc}; " if str(exc) else ""
-        print(f"lumireg bench accuracy: {why}need --methods from {','.join(METHODS)}, --sets from {','.join(SETS)}, "
-              f"--pairs >= 1 and --shape D,H,W; got {args.methods!r}, {','.join(sets)!r}, {args.pairs}, "
-              f"{args.shape!r}", file=sys.stderr)
+        print(
+            f"lumireg bench accuracy: {why}need --methods from {','.join(METHODS)}, --sets from {','.join(SETS)}, "
+            f"--pairs >= 1 and --shape D,H,W; got {args.methods!r}, {','.join(sets)!r}, {args.pairs}, "
+            f"{args.shape!r}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if "syn" in methods and find_spec("ants") is None:
-        print("lumireg bench accuracy: method syn (ANTs SyN) needs antspyx: pip install 'lumireg[bench]', "
-              "or leave syn out of --methods", file=sys.stderr)
+        print(
+            "lumireg bench accuracy: method syn (ANTs SyN) needs antspyx: pip install 'lumireg[bench]', "
+            "or leave syn out of --methods",
+            file=sys.stderr,
+        )
         return EXIT_MISSING_DEPENDENCY
     try:
         model = load_model(args.checkpoint) if any(m.startswith("lumireg") for m in methods) else None

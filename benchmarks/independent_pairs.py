@@ -66,9 +66,9 @@ Jacobian determinant of 0.53 or more. A pair takes 3 to 4 s of one CPU core.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -86,7 +86,10 @@ AP = ("posterior", "middle", "anterior")
 SI = ("inferior", "superior")
 LABELS = {
     1 + 18 * t + 9 * s + 3 * a + r: f"{tissue}_{LR[r]}_{AP[a]}_{SI[s]}"
-    for t, tissue in enumerate(TISSUES) for s in range(2) for a in range(3) for r in range(3)
+    for t, tissue in enumerate(TISSUES)
+    for s in range(2)
+    for a in range(3)
+    for r in range(3)
 }
 
 
@@ -156,10 +159,14 @@ def _template() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     low, high = np.array(low), np.array(high)
     # uint8 throughout (labels <= 54); the canvas's labels are 1 + 8 * tissue + octant
     tissue = (np.maximum(canvas.labels, 1) - 1) // 8
-    lr, ap = (np.searchsorted(np.round(low[a] + (high[a] - low[a]) * np.array([1, 2]) / 3),
-                              np.arange(CANVAS[a]), side="right").astype(np.uint8) for a in (0, 1))
+    lr, ap = (
+        np.searchsorted(
+            np.round(low[a] + (high[a] - low[a]) * np.array([1, 2]) / 3), np.arange(CANVAS[a]), side="right"
+        ).astype(np.uint8)
+        for a in (0, 1)
+    )
     j0, k0 = (low[1] + high[1] - 1) / 2, (low[2] + high[2] - 1) / 2
-    jj, kk = np.ogrid[0:CANVAS[1], 0:CANVAS[2]]
+    jj, kk = np.ogrid[0 : CANVAS[1], 0 : CANVAS[2]]
     tilt = math.radians(TILT_DEGREES)
     superior = ((kk - k0) * math.cos(tilt) - (jj - j0) * math.sin(tilt) >= 0).astype(np.uint8)
     parcel = 1 + 9 * superior[None] + (3 * ap)[None, :, None] + lr[:, None, None]
@@ -184,7 +191,9 @@ def _separable(volume: np.ndarray, matrices: Sequence[np.ndarray]) -> np.ndarray
 
 
 def random_field(
-    shape: Sequence[int], rng: np.random.Generator, config: IndependentConfig | None = None,
+    shape: Sequence[int],
+    rng: np.random.Generator,
+    config: IndependentConfig | None = None,
     voxel_mm: Sequence[float] | None = None,
 ) -> np.ndarray:
     """A random diffeomorphism: the composition of :attr:`IndependentConfig.levels` B-spline FFDs.
@@ -221,8 +230,9 @@ def random_field(
     for spacing, phase, control in reversed(levels):  # innermost first: y <- T_l(y)
         # knot 0 sits at -phase - 3 spacings; map_coordinates(order=3, prefilter=False) sums control * beta3
         index = (moved + (phase + 3 * spacing)[:, None, None, None]) / spacing
-        moved += np.stack([ndimage.map_coordinates(c, index, order=3, prefilter=False, mode="nearest")
-                           for c in control])
+        moved += np.stack(
+            [ndimage.map_coordinates(c, index, order=3, prefilter=False, mode="nearest") for c in control]
+        )
     disp = ((moved - points) / voxel_mm[:, None, None, None]).astype(np.float32)
     return _separable(disp, [_hat_matrix(n, c) for n, c in zip(shape, coarse)])
 
@@ -234,8 +244,10 @@ def _intensity_map(image: np.ndarray, rng: np.random.Generator, config: Independ
 
 def _bias(shape: Sequence[int], rng: np.random.Generator, config: IndependentConfig) -> np.ndarray:
     """``exp`` of a random quadratic polynomial of the coordinates scaled to [-1, 1]; float32 ``shape``."""
-    x = [np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if a == b else 1 for b in range(3)])
-         for a, n in enumerate(shape)]
+    x = [
+        np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if a == b else 1 for b in range(3)])
+        for a, n in enumerate(shape)
+    ]
     linear = rng.normal(0, config.bias_linear_std, 3)
     quadratic = rng.normal(0, config.bias_quadratic_std, 6)
     separable = [linear[a] * x[a] + quadratic[a] * x[a] ** 2 for a in range(3)]
@@ -244,8 +256,9 @@ def _bias(shape: Sequence[int], rng: np.random.Generator, config: IndependentCon
     return np.exp(log_bias).astype(np.float32)
 
 
-def _image(rng: np.random.Generator, shape: tuple[int, int, int], config: IndependentConfig,
-           labels: bool, fields: bool) -> dict:
+def _image(
+    rng: np.random.Generator, shape: tuple[int, int, int], config: IndependentConfig, labels: bool, fields: bool
+) -> dict:
     """One image: the template warped by :func:`random_field`, then the intensity model (module docstring)."""
     probabilities, label_map, (low, high) = _template()
     disp = random_field(shape, rng, config)
@@ -259,8 +272,10 @@ def _image(rng: np.random.Generator, shape: tuple[int, int, int], config: Indepe
             coords[a] = (coords[a] + 0.5) * scale[a] - 0.5
         inside &= (coords[a] > low[a] - 1) & (coords[a] < high[a])
     # only voxels that sample the brain's bounding box can be nonzero: resample just their box
-    box = tuple(slice(np.argmax(hit), len(hit) - np.argmax(hit[::-1])) if hit.any() else slice(0, 0)
-                for hit in (inside.any(axis=tuple(b for b in range(3) if b != a)) for a in range(3)))
+    box = tuple(
+        slice(np.argmax(hit), len(hit) - np.argmax(hit[::-1])) if hit.any() else slice(0, 0)
+        for hit in (inside.any(axis=tuple(b for b in range(3) if b != a)) for a in range(3))
+    )
     coords = coords[(slice(None), *box)]
     wm = rng.uniform(*config.wm)
     gm = wm * rng.uniform(*config.gm_over_wm)
@@ -285,8 +300,11 @@ def _image(rng: np.random.Generator, shape: tuple[int, int, int], config: Indepe
 
 
 def independent_pair(
-    index: int, shape: Sequence[int] | None = None, config: IndependentConfig | None = None,
-    labels: bool = True, fields: bool = False,
+    index: int,
+    shape: Sequence[int] | None = None,
+    config: IndependentConfig | None = None,
+    labels: bool = True,
+    fields: bool = False,
 ) -> dict:
     """Generate independent pair ``index``; the same index always gives the same pair.
 

@@ -96,7 +96,7 @@ def ncc_reference(fixed: torch.Tensor, moving: torch.Tensor, window: int = WINDO
     """
     ones = torch.ones(1, 1, window, window, window, dtype=fixed.dtype, device=fixed.device)
     n = window**3
-    I, J = fixed, moving
+    I, J = fixed, moving  # noqa: E741 (VoxelMorph's names, kept so the reference reads as its source)
     I_sum, J_sum, I2_sum, J2_sum, IJ_sum = (F.conv3d(t, ones, padding=window // 2) for t in (I, J, I * I, J * J, I * J))
     u_I, u_J = I_sum / n, J_sum / n
     cross = IJ_sum - u_J * I_sum - u_I * J_sum + u_I * u_J * n
@@ -123,7 +123,13 @@ def _setup(op, shape, batch, device, gen):
     if op == "integrate":
         velocity = _smooth(batch, 3, shape, 10.0, 16, gen, device)
         transformer = GridTransformer(shape).to(device)
-        return (velocity,), (0,), velocity, lambda v: kernels.integrate(v, STEPS), lambda v: vecint_reference(transformer, v)
+        return (
+            (velocity,),
+            (0,),
+            velocity,
+            lambda v: kernels.integrate(v, STEPS),
+            lambda v: vecint_reference(transformer, v),
+        )
     fixed = _smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5
     moving = 0.7 * fixed + 0.3 * (_smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5)
     # training differentiates the loss in the (warped) moving image only
@@ -177,8 +183,13 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
     grad_out = torch.randn(like.shape, generator=gen).to(device)
     cuda = device.type == "cuda"
     rows = [
-        {"op": op, "pass": p, "batch": batch, "path": "triton" if use_triton("auto", inputs[0]) else "torch-twin",
-         "reference": REFERENCES[op]}
+        {
+            "op": op,
+            "pass": p,
+            "batch": batch,
+            "path": "triton" if use_triton("auto", inputs[0]) else "torch-twin",
+            "reference": REFERENCES[op],
+        }
         for p in ("fwd", "fwd+bwd")
     ]
     ref_out, ref_grads = _forward_backward(ref, inputs, grad_idx, grad_out)
@@ -194,12 +205,15 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
     for row in rows:
         for side, fn in (("ours", ours), ("ref", ref)):
             if row["pass"] == "fwd":
+
                 def call(fn=fn):
                     with torch.no_grad():
                         fn(*inputs)
             else:
+
                 def call(fn=fn):
                     torch.autograd.grad(fn(*leaves), wrt, grad_out)
+
             row[f"{side}_ms"] = _median_ms(call, args.warmup, args.repeats, cuda)
         row["speedup"] = row["ref_ms"] / row["ours_ms"]
         per_voxel = MIN_BYTES_PER_VOXEL.get((op, row["pass"]))
@@ -210,15 +224,20 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
 
 
 def _print_table(rows, cuda: bool) -> None:
-    head = f"{'op':<10} {'pass':<8} {'B':>2} {'path':<10} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8} {'max|diff|':>9} {'check':<5}"
+    head = (
+        f"{'op':<10} {'pass':<8} {'B':>2} {'path':<10} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8} "
+        f"{'max|diff|':>9} {'check':<5}"
+    )
     print(head + (f" {'TB/s':>5} {'floor ms':>8}" if cuda else ""))
     print("-" * len(head) + ("-" * 15 if cuda else ""))
     for r in rows:
         if "error" in r:
             print(f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} ERROR: {r['error']}")
             continue
-        line = (f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} {r['path']:<10} {r['ours_ms']:>9.3f} {r['ref_ms']:>9.3f} "
-                f"{r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e} {r['check']:<5}")
+        line = (
+            f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} {r['path']:<10} {r['ours_ms']:>9.3f} {r['ref_ms']:>9.3f} "
+            f"{r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e} {r['check']:<5}"
+        )
         if cuda and "ours_TBps" in r:
             line += f" {r['ours_TBps']:>5.2f} {r['floor_ms_h100']:>8.3f}"
         print(line)
@@ -229,14 +248,21 @@ def add_arguments(parser) -> None:
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
     default = lambda name: f"(default: GPU {gpu[name]}; CPU {cpu[name]})"  # noqa: E731
     parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="where to run (default: auto, cuda when torch sees a GPU)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where to run (default: auto, cuda when torch sees a GPU)",
+    )
     parser.add_argument("--shape", help=f"volume size D,H,W in voxels {default('shape')}")
     parser.add_argument("--batch-sizes", help=f"comma-separated batch sizes {default('batch_sizes')}")
     parser.add_argument("--warmup", type=int, help=f"untimed calls before timing {default('warmup')}")
     parser.add_argument("--repeats", type=int, help=f"timed calls; the median is reported {default('repeats')}")
-    parser.add_argument("--out", default="benchmarks/results",
-                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="folder for the results, a sub-folder per device (default: benchmarks/results)",
+    )
 
 
 def run(args) -> int:
@@ -264,8 +290,11 @@ def run(args) -> int:
         if len(shape) != 3 or min(shape) < 2 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
             raise ValueError
     except ValueError:
-        print(f"lumireg bench kernels: need --shape D,H,W (each >= 2), --batch-sizes of ints >= 1, --repeats >= 1, "
-              f"--warmup >= 0; got {args.shape!r}, {args.batch_sizes!r}, {args.repeats}, {args.warmup}", file=sys.stderr)
+        print(
+            f"lumireg bench kernels: need --shape D,H,W (each >= 2), --batch-sizes of ints >= 1, --repeats >= 1, "
+            f"--warmup >= 0; got {args.shape!r}, {args.batch_sizes!r}, {args.repeats}, {args.warmup}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     device = torch.device("cuda" if cuda else "cpu")
     device_label = device_name(cuda)
@@ -284,8 +313,10 @@ def run(args) -> int:
             except Exception as exc:  # report the case as failed and go on with the others
                 detail = "" if isinstance(exc, NotImplementedError) else traceback.format_exc()
                 tqdm.write(f"{op} B={batch} failed: {type(exc).__name__}: {exc}\n{detail}", file=sys.stderr)
-                rows += [{"op": op, "pass": p, "batch": batch, "error": f"{type(exc).__name__}: {exc}"}
-                         for p in ("fwd", "fwd+bwd")]
+                rows += [
+                    {"op": op, "pass": p, "batch": batch, "error": f"{type(exc).__name__}: {exc}"}
+                    for p in ("fwd", "fwd+bwd")
+                ]
             finally:
                 gc.collect()
                 if cuda:
@@ -293,8 +324,10 @@ def run(args) -> int:
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
-    print(f"\n{device_label}, {'x'.join(map(str, shape))} voxels, float32, median of {args.repeats} "
-          f"after {args.warmup} warm-up; speed-up = ref ms / ours ms")
+    print(
+        f"\n{device_label}, {'x'.join(map(str, shape))} voxels, float32, median of {args.repeats} "
+        f"after {args.warmup} warm-up; speed-up = ref ms / ours ms"
+    )
     _print_table(rows, cuda)
     result = {
         **header("kernels", device_label),
@@ -314,7 +347,9 @@ def run(args) -> int:
 
     failed = [r for r in rows if "error" in r or r["check"] != "ok"]
     for r in failed:
-        why = r.get("error") or (f"{r['mismatch_fraction']:.1e} of the elements differ from the reference by more "
-                                 f"than {RTOL:.0e} x its largest magnitude (max |diff| {r['max_abs_diff']:.2e})")
+        why = r.get("error") or (
+            f"{r['mismatch_fraction']:.1e} of the elements differ from the reference by more "
+            f"than {RTOL:.0e} x its largest magnitude (max |diff| {r['max_abs_diff']:.2e})"
+        )
         print(f"FAILED: {r['op']} {r['pass']} B={r['batch']}: {why}", file=sys.stderr)
     return EXIT_FAILURE if failed else EXIT_OK

@@ -31,11 +31,25 @@ import numpy as np
 from tqdm import tqdm
 
 from lumireg.benchmarks.machine import device_name, header, slug
-from lumireg.benchmarks.serving import (add_target_arguments, latency_summary, sample_batch, scrape, scrape_counted,
-                                        server_breakdown, target)
+from lumireg.benchmarks.serving import (
+    add_target_arguments,
+    latency_summary,
+    sample_batch,
+    scrape,
+    scrape_counted,
+    server_breakdown,
+    target,
+)
 from lumireg.client.transport import payload_inputs
-from lumireg.contract import (ENTRY_MODEL, EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                              OUTPUT_NAMES)
+from lumireg.contract import (
+    ENTRY_MODEL,
+    EXIT_FAILURE,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    OUTPUT_NAMES,
+)
 from lumireg.service.server import ServerError
 
 DRAIN_MIN_S = 60.0  # the drain timeout is max(DRAIN_MIN_S, 10 x the p99 latency so far)
@@ -70,9 +84,19 @@ def send(url: str, rate: float, duration: float, outputs: list[str], bad_every: 
     good, bad = _tensors(images, False), _tensors(images, True)
     requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
     count = max(1, math.ceil(rate * duration - 1e-9))
-    records = [{"index": i, "bad": bool(bad_every and (i + 1) % bad_every == 0), "scheduled_s": i / rate,
-                "sent_s": None, "completed_s": None, "latency_s": None, "error": None, "message": None}
-               for i in range(count)]
+    records = [
+        {
+            "index": i,
+            "bad": bool(bad_every and (i + 1) % bad_every == 0),
+            "scheduled_s": i / rate,
+            "sent_s": None,
+            "completed_s": None,
+            "latency_s": None,
+            "error": None,
+            "message": None,
+        }
+        for i in range(count)
+    ]
     lock, answered = threading.Condition(), [0]
     start = time.monotonic()
 
@@ -95,8 +119,14 @@ def send(url: str, rate: float, duration: float, outputs: list[str], bad_every: 
             time.sleep(max(0.0, start + record["scheduled_s"] - time.monotonic()))
             record["sent_s"] = time.monotonic() - start
             try:
-                calls.append(client.async_infer(ENTRY_MODEL, bad if record["bad"] else good,
-                                                functools.partial(done, record["index"]), outputs=requested))
+                calls.append(
+                    client.async_infer(
+                        ENTRY_MODEL,
+                        bad if record["bad"] else good,
+                        functools.partial(done, record["index"]),
+                        outputs=requested,
+                    )
+                )
             except Exception as exc:  # refused before it left
                 done(record["index"], error=exc)
             bar.set_postfix_str(f"in flight {record['index'] + 1 - answered[0]}")
@@ -131,15 +161,27 @@ def summarize(records: list[dict], rate: float, duration: float) -> dict:
         good = [r["latency_s"] for r in inside if r["error"] is None]
         if inside:
             q = latency_summary(good)
-            windows.append({"start_s": w * width, "end_s": (w + 1) * width, "count": len(inside),
-                            "failed": len(inside) - len(good), "p50_ms": q["p50_ms"], "p99_ms": q["p99_ms"]})
+            windows.append(
+                {
+                    "start_s": w * width,
+                    "end_s": (w + 1) * width,
+                    "count": len(inside),
+                    "failed": len(inside) - len(good),
+                    "p50_ms": q["p50_ms"],
+                    "p99_ms": q["p99_ms"],
+                }
+            )
     return {
         "rate_target_per_s": rate,
         # intervals between sends over their span: equals the target when every send is on time (None for 1 send)
         "rate_achieved_per_s": (len(sent) - 1) / span if span > 0 else None,
         "completed_per_s": len(ok) / (max(r["completed_s"] for r in ok) - sent[0]["sent_s"]) if ok else 0.0,
-        "duration_s": duration, "requests_sent": len(sent), "succeeded": len(ok), "failed": len(sent) - len(ok),
-        "errors_by_type": dict(errors), "error_examples": examples,
+        "duration_s": duration,
+        "requests_sent": len(sent),
+        "succeeded": len(ok),
+        "failed": len(sent) - len(ok),
+        "errors_by_type": dict(errors),
+        "error_examples": examples,
         "latency": latency_summary([r["latency_s"] for r in ok]),
         "latency_over_time": windows,
     }
@@ -153,19 +195,29 @@ def _plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     answered = [r for r in report["requests"] if r["latency_s"] is not None]
-    for failed, style in ((False, dict(marker=".", color="tab:blue", label="succeeded")),
-                          (True, dict(marker="x", color="red", label="failed"))):
+    for failed, style in (
+        (False, dict(marker=".", color="tab:blue", label="succeeded")),
+        (True, dict(marker="x", color="red", label="failed")),
+    ):
         points = [(r["sent_s"], r["latency_s"] * 1000) for r in answered if (r["error"] is not None) == failed]
         if points:
             ax.scatter(*zip(*points), **style)
     windows = [w for w in report["latency_over_time"] if w["p50_ms"] is not None]
     for q, style in (("p50", "-"), ("p99", "--")):
-        ax.plot([(w["start_s"] + w["end_s"]) / 2 for w in windows], [w[f"{q}_ms"] for w in windows], style,
-                color="black", label=f"{q} per window")
+        ax.plot(
+            [(w["start_s"] + w["end_s"]) / 2 for w in windows],
+            [w[f"{q}_ms"] for w in windows],
+            style,
+            color="black",
+            label=f"{q} per window",
+        )
     achieved = report["rate_achieved_per_s"]
-    ax.set(xlabel="send time (s from start)", ylabel="latency (ms)",
-           title=f"lumireg load: {report['rate_target_per_s']:g} req/s target, "
-                 f"{achieved or float('nan'):.3g} achieved, {report['device']}")
+    ax.set(
+        xlabel="send time (s from start)",
+        ylabel="latency (ms)",
+        title=f"lumireg load: {report['rate_target_per_s']:g} req/s target, "
+        f"{achieved or float('nan'):.3g} achieved, {report['device']}",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,18 +235,29 @@ def _scrape(metrics_url: str, before: dict | str | None = None, succeeded: int =
 
 def add_arguments(parser) -> None:
     """``lumireg bench load``'s options."""
-    parser.description = ("Open-loop load test: requests at a fixed arrival rate for a fixed time, whether or not "
-                          "earlier ones have answered; latency over time and every error, counted by type.")
+    parser.description = (
+        "Open-loop load test: requests at a fixed arrival rate for a fixed time, whether or not "
+        "earlier ones have answered; latency over time and every error, counted by type."
+    )
     add_target_arguments(parser)
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second (default: 1)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of sending (default: 30)")
-    parser.add_argument("--outputs", default="displacement_fp16",
-                        help="comma-separated outputs each request asks for, from "
-                             f"{', '.join(n for n in OUTPUT_NAMES if n != 'warped_labels')} (default: displacement_fp16)")
-    parser.add_argument("--bad-request-every", type=int,
-                        help="make every N-th request invalid (checks that failures are seen and counted)")
-    parser.add_argument("--out", default="benchmarks/results",
-                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+    parser.add_argument(
+        "--outputs",
+        default="displacement_fp16",
+        help="comma-separated outputs each request asks for, from "
+        f"{', '.join(n for n in OUTPUT_NAMES if n != 'warped_labels')} (default: displacement_fp16)",
+    )
+    parser.add_argument(
+        "--bad-request-every",
+        type=int,
+        help="make every N-th request invalid (checks that failures are seen and counted)",
+    )
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="folder for the results, a sub-folder per device (default: benchmarks/results)",
+    )
 
 
 def run(args) -> int:
@@ -226,13 +289,26 @@ def run(args) -> int:
         print(f"lumireg bench load: {exc}", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
     server = next((s for s in (before, after) if isinstance(s, str)), None) or server_breakdown(before, after)
-    report = {**header("load", device), **summarize(records, args.rate, args.duration), "server": server,
-              "target": what,
-              "settings": {"url": args.url, "metrics_url": metrics_url, "rate": args.rate, "duration": args.duration,
-                           "outputs": outputs, "bad_request_every": args.bad_request_every},
-              "units": {"*_s": "seconds from the start (times) or seconds", "*_ms": "milliseconds",
-                        "*_per_s": "requests per second"},
-              "requests": records}
+    report = {
+        **header("load", device),
+        **summarize(records, args.rate, args.duration),
+        "server": server,
+        "target": what,
+        "settings": {
+            "url": args.url,
+            "metrics_url": metrics_url,
+            "rate": args.rate,
+            "duration": args.duration,
+            "outputs": outputs,
+            "bad_request_every": args.bad_request_every,
+        },
+        "units": {
+            "*_s": "seconds from the start (times) or seconds",
+            "*_ms": "milliseconds",
+            "*_per_s": "requests per second",
+        },
+        "requests": records,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out_dir / "load.png")
@@ -243,14 +319,18 @@ def run(args) -> int:
 def _print(report: dict, out_dir: Path) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     lat, achieved = report["latency"], report["rate_achieved_per_s"]
-    print(f"\nrate {report['rate_target_per_s']:g}/s target, {achieved or float('nan'):.3g}/s achieved, "
-          f"{report['completed_per_s']:.3g}/s completed; {report['requests_sent']} sent, "
-          f"{report['succeeded']} succeeded, {report['failed']} failed; latency p50 {fmt(lat['p50_ms'])} ms, "
-          f"p90 {fmt(lat['p90_ms'])} ms, p99 {fmt(lat['p99_ms'])} ms")
+    print(
+        f"\nrate {report['rate_target_per_s']:g}/s target, {achieved or float('nan'):.3g}/s achieved, "
+        f"{report['completed_per_s']:.3g}/s completed; {report['requests_sent']} sent, "
+        f"{report['succeeded']} succeeded, {report['failed']} failed; latency p50 {fmt(lat['p50_ms'])} ms, "
+        f"p90 {fmt(lat['p90_ms'])} ms, p99 {fmt(lat['p99_ms'])} ms"
+    )
     print(f"{'send window (s)':>16}{'requests':>10}{'failed':>8}{'p50 ms':>10}{'p99 ms':>10}")
     for w in report["latency_over_time"]:
-        print(f"{w['start_s']:>7.1f}-{w['end_s']:<8.1f}{w['count']:>10}{w['failed']:>8}{fmt(w['p50_ms']):>10}"
-              f"{fmt(w['p99_ms']):>10}")
+        print(
+            f"{w['start_s']:>7.1f}-{w['end_s']:<8.1f}{w['count']:>10}{w['failed']:>8}{fmt(w['p50_ms']):>10}"
+            f"{fmt(w['p99_ms']):>10}"
+        )
     for kind, count in report["errors_by_type"].items():
         print(f"FAILED: {count} x {kind}: {report['error_examples'][kind]}", file=sys.stderr)
     print(f"wrote {out_dir / 'load.json'} and load.png")

@@ -29,8 +29,13 @@ def slug(text: str) -> str:
 def git_commit() -> str | None:
     """The checked-out lumireg commit, or None outside a git checkout."""
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=10)
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -85,5 +90,5 @@ def header(benchmark: str, device: str | None = None) -> dict:
         "cpu": cpu_model(),
         "versions": {"python": platform.python_version(), "cuda": cuda, **{p: package_version(p) for p in VERSIONED}},
         "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

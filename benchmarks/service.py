@@ -36,8 +36,15 @@ import numpy as np
 from tqdm import tqdm
 
 from lumireg.benchmarks.machine import device_name, header, slug
-from lumireg.benchmarks.serving import (add_target_arguments, latency_summary, sample_batch, scrape, scrape_counted,
-                                        server_breakdown, target)
+from lumireg.benchmarks.serving import (
+    add_target_arguments,
+    latency_summary,
+    sample_batch,
+    scrape,
+    scrape_counted,
+    server_breakdown,
+    target,
+)
 from lumireg.client.transport import OUTPUT_TYPES, output_nbytes
 from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from lumireg.service.server import ServerError
@@ -54,9 +61,26 @@ VARIANTS = [  # (transport, precision, outputs) at batch 1, concurrency 1
     ("shm", "float32", ("displacement",)),
     ("shm", "float16", ("displacement_fp16", "warped", "qc")),
 ]
-CSV_FIELDS = ("kind", "transport", "outputs", "batch", "concurrency", "requests", "pairs", "p50_ms", "p90_ms",
-              "p99_ms", "pairs_per_s", "bytes_in_per_pair", "bytes_out_per_pair", "server_queue_ms",
-              "server_compute_input_ms", "server_compute_infer_ms", "server_compute_output_ms", "server_request_ms")
+CSV_FIELDS = (
+    "kind",
+    "transport",
+    "outputs",
+    "batch",
+    "concurrency",
+    "requests",
+    "pairs",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "pairs_per_s",
+    "bytes_in_per_pair",
+    "bytes_out_per_pair",
+    "server_queue_ms",
+    "server_compute_input_ms",
+    "server_compute_infer_ms",
+    "server_compute_output_ms",
+    "server_request_ms",
+)
 
 
 def _payload(outputs, batch: int) -> tuple[int, int]:
@@ -66,8 +90,17 @@ def _payload(outputs, batch: int) -> tuple[int, int]:
     return pair_in, out
 
 
-def measure(url: str, metrics_url: str, transport: str, outputs, batch: int, concurrency: int, requests: int,
-            warmup: int, images: dict) -> dict:
+def measure(
+    url: str,
+    metrics_url: str,
+    transport: str,
+    outputs,
+    batch: int,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    images: dict,
+) -> dict:
     """One closed-loop run; the result row (see the module docstring)."""
     from lumireg.client import RegistrationClient
 
@@ -102,10 +135,20 @@ def measure(url: str, metrics_url: str, transport: str, outputs, batch: int, con
     bytes_in, bytes_out = _payload(outputs, batch)
     if len(latencies) != requests:
         raise RuntimeError(f"{requests - len(latencies)} of {requests} requests failed (see the errors above)")
-    return {"transport": transport, "outputs": "+".join(outputs), "batch": batch, "concurrency": concurrency,
-            "requests": requests, "pairs": requests * batch, "wall_s": wall, **latency_summary(latencies),
-            "pairs_per_s": requests * batch / wall, "bytes_in_per_pair": bytes_in, "bytes_out_per_pair": bytes_out,
-            "server": server_breakdown(before, after)}
+    return {
+        "transport": transport,
+        "outputs": "+".join(outputs),
+        "batch": batch,
+        "concurrency": concurrency,
+        "requests": requests,
+        "pairs": requests * batch,
+        "wall_s": wall,
+        **latency_summary(latencies),
+        "pairs_per_s": requests * batch / wall,
+        "bytes_in_per_pair": bytes_in,
+        "bytes_out_per_pair": bytes_out,
+        "server": server_breakdown(before, after),
+    }
 
 
 def measure_in_process(device: str, requests: int, warmup: int, images: dict) -> dict:
@@ -130,9 +173,20 @@ def measure_in_process(device: str, requests: int, warmup: int, images: dict) ->
         start = time.perf_counter()
         once()
         latencies.append(time.perf_counter() - start)
-    return {"transport": "in-process", "outputs": "displacement_fp16", "batch": 1, "concurrency": 1,
-            "requests": requests, "pairs": requests, "wall_s": sum(latencies), **latency_summary(latencies),
-            "pairs_per_s": requests / sum(latencies), "bytes_in_per_pair": 0, "bytes_out_per_pair": 0, "server": None}
+    return {
+        "transport": "in-process",
+        "outputs": "displacement_fp16",
+        "batch": 1,
+        "concurrency": 1,
+        "requests": requests,
+        "pairs": requests,
+        "wall_s": sum(latencies),
+        **latency_summary(latencies),
+        "pairs_per_s": requests / sum(latencies),
+        "bytes_in_per_pair": 0,
+        "bytes_out_per_pair": 0,
+        "server": None,
+    }
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -147,15 +201,23 @@ def add_arguments(parser) -> None:
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
     parser.description = __doc__.split("\n\n")[0].replace("\n", " ")
     add_target_arguments(parser)
-    parser.add_argument("--batch-sizes",
-                        help=f"batch sizes at concurrency 1, at most 8 (default: {cpu['batch_sizes']})")
+    parser.add_argument(
+        "--batch-sizes", help=f"batch sizes at concurrency 1, at most 8 (default: {cpu['batch_sizes']})"
+    )
     parser.add_argument("--concurrency", help=f"client concurrencies at batch 1 (default: {cpu['concurrency']})")
-    parser.add_argument("--requests", type=int,
-                        help=f"timed requests per run (default: GPU {gpu['requests']}, CPU {cpu['requests']})")
-    parser.add_argument("--warmup", type=int,
-                        help=f"untimed requests before each run (default: GPU {gpu['warmup']}, CPU {cpu['warmup']})")
-    parser.add_argument("--out", default="benchmarks/results",
-                        help="folder for the results, a sub-folder per device (default: benchmarks/results)")
+    parser.add_argument(
+        "--requests", type=int, help=f"timed requests per run (default: GPU {gpu['requests']}, CPU {cpu['requests']})"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help=f"untimed requests before each run (default: GPU {gpu['warmup']}, CPU {cpu['warmup']})",
+    )
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="folder for the results, a sub-folder per device (default: benchmarks/results)",
+    )
 
 
 def run(args) -> int:
@@ -174,8 +236,10 @@ def run(args) -> int:
     try:
         batches, concurrencies = _ints(args.batch_sizes, "batch-sizes"), _ints(args.concurrency, "concurrency")
         if args.requests < 1 or args.warmup < 0 or max(batches) > 8:
-            raise ValueError(f"need --requests >= 1, --warmup >= 0 and batch sizes <= 8 (the model's limit); got "
-                             f"{args.requests}, {args.warmup}, {batches}")
+            raise ValueError(
+                f"need --requests >= 1, --warmup >= 0 and batch sizes <= 8 (the model's limit); got "
+                f"{args.requests}, {args.warmup}, {batches}"
+            )
     except (TypeError, ValueError) as exc:
         print(f"lumireg bench service: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -255,8 +319,13 @@ def _plot(report: dict, path: Path) -> None:
     ax2.plot([r["concurrency"] for r in conc], [r["pairs_per_s"] for r in conc], "o-", label="measured")
     if conc:
         ideal = conc[0]["pairs_per_s"]
-        ax2.plot([r["concurrency"] for r in conc], [ideal * r["concurrency"] for r in conc], "--", c="grey",
-                 label="linear from C=1")
+        ax2.plot(
+            [r["concurrency"] for r in conc],
+            [ideal * r["concurrency"] for r in conc],
+            "--",
+            c="grey",
+            label="linear from C=1",
+        )
     ax2.set(xlabel="client concurrency (batch 1)", ylabel="pairs / s", title="throughput vs concurrency")
     for axis, values in ((ax1, [r["batch"] for r in batch]), (ax2, [r["concurrency"] for r in conc])):
         axis.set_xscale("log", base=2)
@@ -272,8 +341,12 @@ def _plot(report: dict, path: Path) -> None:
         ax3.bar(labels, values, bottom=bottom, label=stage)
         bottom += values
     client = np.array([r["p50_ms"] for r in variants]) - bottom
-    ax3.bar(labels, np.where(np.array([r["server"] is None for r in variants]), 0, np.maximum(client, 0)),
-            bottom=bottom, label="client + wire (p50 - server)")
+    ax3.bar(
+        labels,
+        np.where(np.array([r["server"] is None for r in variants]), 0, np.maximum(client, 0)),
+        bottom=bottom,
+        label="client + wire (p50 - server)",
+    )
     local = np.array([r["p50_ms"] if r["server"] is None else 0 for r in variants])
     ax3.bar(labels, local, label="in-process (no server)")
     ax3.set(ylabel="ms per request (batch 1)", title="where the time goes")
@@ -286,11 +359,15 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def _print(report: dict) -> None:
-    print(f"\n{'kind':<12}{'transport':<11}{'outputs':<34}{'B':>3}{'C':>3}{'p50 ms':>10}{'p90 ms':>10}"
-          f"{'p99 ms':>10}{'pairs/s':>9}{'MB in/out':>12}{'server infer ms':>17}")
+    print(
+        f"\n{'kind':<12}{'transport':<11}{'outputs':<34}{'B':>3}{'C':>3}{'p50 ms':>10}{'p90 ms':>10}"
+        f"{'p99 ms':>10}{'pairs/s':>9}{'MB in/out':>12}{'server infer ms':>17}"
+    )
     for r in report["runs"]:
         server = r["server"]["compute_infer_ms"] if r["server"] else float("nan")
-        print(f"{r['kind']:<12}{r['transport']:<11}{r['outputs']:<34}{r['batch']:>3}{r['concurrency']:>3}"
-              f"{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['pairs_per_s']:>9.2f}"
-              f"{r['bytes_in_per_pair'] / 1e6:>6.1f}/{r['bytes_out_per_pair'] / 1e6:<5.1f}{server:>17.1f}")
+        print(
+            f"{r['kind']:<12}{r['transport']:<11}{r['outputs']:<34}{r['batch']:>3}{r['concurrency']:>3}"
+            f"{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['pairs_per_s']:>9.2f}"
+            f"{r['bytes_in_per_pair'] / 1e6:>6.1f}/{r['bytes_out_per_pair'] / 1e6:<5.1f}{server:>17.1f}"
+        )
     print(f"service / in-process (p50, batch 1, shared memory): {report['service_over_in_process_p50']:.2f}x")

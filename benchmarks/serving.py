@@ -69,8 +69,11 @@ def target(url: str | None, metrics_url: str | None, log_dir: Path):
     from lumireg.service.server import EmbeddedServer, free_ports
 
     if find_spec("pytriton") is None:
-        raise ModuleNotFoundError("the embedded server needs nvidia-pytriton (pip install 'lumireg[server]'); "
-                                  "or measure a running server with --url", name="pytriton")
+        raise ModuleNotFoundError(
+            "the embedded server needs nvidia-pytriton (pip install 'lumireg[server]'); "
+            "or measure a running server with --url",
+            name="pytriton",
+        )
     ensure_exported(SOURCE_REPOSITORY)
     log_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddedServer(SOURCE_REPOSITORY, ports=free_ports(), log=log_dir / "tritonserver.log") as server:
@@ -81,19 +84,24 @@ def scrape(metrics_url: str) -> dict[tuple, float]:
     """Every sample on the metrics endpoint: ``{(sample name, sorted label items): value}``."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
-def scrape_counted(metrics_url: str, before: dict, succeeded: int, model: str = ENTRY_MODEL,
-                   timeout: float = 5.0) -> dict[tuple, float]:
+def scrape_counted(
+    metrics_url: str, before: dict, succeeded: int, model: str = ENTRY_MODEL, timeout: float = 5.0
+) -> dict[tuple, float]:
     """:func:`scrape`, again until Triton has counted ``succeeded`` more successes of ``model`` than ``before`` has
     (it counts a request just after answering it) or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while True:
         after = scrape(metrics_url)
         counted = total(after, "nv_inference_request_success_total", model=model) - total(
-            before, "nv_inference_request_success_total", model=model)
+            before, "nv_inference_request_success_total", model=model
+        )
         if counted >= succeeded or time.monotonic() > deadline:
             return after
         time.sleep(0.1)
@@ -101,8 +109,11 @@ def scrape_counted(metrics_url: str, before: dict, succeeded: int, model: str = 
 
 def total(samples: dict, name: str, **labels) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(value for (sample, items), value in samples.items()
-               if sample == name and all(dict(items).get(k) == v for k, v in labels.items()))
+    return sum(
+        value
+        for (sample, items), value in samples.items()
+        if sample == name and all(dict(items).get(k) == v for k, v in labels.items())
+    )
 
 
 def server_breakdown(before: dict, after: dict, model: str = "lumireg") -> dict:
@@ -112,6 +123,7 @@ def server_breakdown(before: dict, after: dict, model: str = "lumireg") -> dict:
     "compute_infer_ms", "compute_output_ms", "request_ms", "lumireg_stages_ms":
     {stage: ms per request}}``; zeros when no request succeeded.
     """
+
     def delta(name: str, **labels) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
 
@@ -130,8 +142,10 @@ def sample_batch(batch: int) -> dict[str, np.ndarray]:
     from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
 
     pair = synthetic_pair(evaluation_seeds(1)[0], labels=False)
-    return {k: np.repeat(np.clip(np.rint(pair[k].numpy() * 255), 0, 255).astype(np.uint8)[None], batch, 0)
-            for k in ("fixed", "moving")}
+    return {
+        k: np.repeat(np.clip(np.rint(pair[k].numpy() * 255), 0, 255).astype(np.uint8)[None], batch, 0)
+        for k in ("fixed", "moving")
+    }
 
 
 def latency_summary(seconds: list[float]) -> dict:

@@ -28,8 +28,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from lumireg.contract import (DEFAULT_PASSES, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE,
-                              PARAMETERS, lumir_case_names)
+from lumireg.contract import (
+    DEFAULT_PASSES,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    PARAMETERS,
+    lumir_case_names,
+)
 
 DEFAULT_OUTPUTS = ("displacement", "warped", "qc")  # and warped_labels for a pair with labels
 LABEL_KEY = "moving_label"  # a LUMIR / Learn2Reg dataset JSON entry's moving label map (see lumireg.train.lumir)
@@ -66,8 +74,10 @@ def read_pairs(path: Path, data_dir: Path | None) -> list[Pair]:
         raise FileNotFoundError(f"no pairs file at {path}")
     rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
     base = data_dir or path.parent
-    return [Pair(base / fixed, base / moving, base / labels if labels else None, fixed, moving)
-            for fixed, moving, labels in rows]
+    return [
+        Pair(base / fixed, base / moving, base / labels if labels else None, fixed, moving)
+        for fixed, moving, labels in rows
+    ]
 
 
 def _json_rows(path: Path) -> list[tuple[str, str, str | None]]:
@@ -82,8 +92,10 @@ def _json_rows(path: Path) -> list[tuple[str, str, str | None]]:
     for n, entry in enumerate(entries):
         keys = ("fixed", "moving", LABEL_KEY) if isinstance(entry, dict) and LABEL_KEY in entry else ("fixed", "moving")
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k].strip() for k in keys):
-            raise ValueError(f"{path}: entry {n} must be an object with string paths 'fixed', 'moving' "
-                             f"(and optionally {LABEL_KEY!r}), got {entry!r}")
+            raise ValueError(
+                f"{path}: entry {n} must be an object with string paths 'fixed', 'moving' "
+                f"(and optionally {LABEL_KEY!r}), got {entry!r}"
+            )
         rows.append((entry["fixed"].strip(), entry["moving"].strip(), (entry.get(LABEL_KEY) or "").strip() or None))
     return rows
 
@@ -95,8 +107,10 @@ def _csv_rows(path: Path) -> list[tuple[str, str, str | None]]:
         rows = rows[1:]
     bad = next((n for n, r in enumerate(rows) if len(r) < 2 or not r[0] or not r[1] or len(r) > 3), None)
     if not rows or bad is not None:
-        raise ValueError(f"{path}: expected rows fixed,moving[,moving_labels]"
-                         + (f"; row {bad + 1} is {rows[bad]}" if bad is not None else ", found none"))
+        raise ValueError(
+            f"{path}: expected rows fixed,moving[,moving_labels]"
+            + (f"; row {bad + 1} is {rows[bad]}" if bad is not None else ", found none")
+        )
     return [(r[0], r[1], r[2] if len(r) > 2 and r[2] else None) for r in rows]
 
 
@@ -132,14 +146,23 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
     from lumireg.client.registration import FILES, default_outputs
 
     outputs = requested or default_outputs(args.labels is not None, DEFAULT_OUTPUTS)
-    result = client.register(args.fixed, args.moving, outputs, moving_labels=args.labels,
-                             precision=args.precision, field_format=args.field_format, passes=args.passes)
+    result = client.register(
+        args.fixed,
+        args.moving,
+        outputs,
+        moving_labels=args.labels,
+        precision=args.precision,
+        field_format=args.field_format,
+        passes=args.passes,
+    )
     written = result.save(args.out)
     for name in written:
         print(f"{name}: {Path(args.out) / FILES[name]}")
     if result.qc:
-        print(f"qc: NDV {result.qc['ndv_percent']:.4f} %, NCC {result.qc['ncc_before']:.3f} -> "
-              f"{result.qc['ncc_after']:.3f}, min Jacobian {result.qc['jacobian_min']:.3f}")
+        print(
+            f"qc: NDV {result.qc['ndv_percent']:.4f} %, NCC {result.qc['ncc_before']:.3f} -> "
+            f"{result.qc['ncc_after']:.3f}, min Jacobian {result.qc['jacobian_min']:.3f}"
+        )
     return EXIT_OK
 
 
@@ -162,13 +185,20 @@ def _batch_jobs(args, pairs: list[Pair], requested: tuple[str, ...] | None) -> l
         unlabelled = [p for p in pairs if p.moving_labels is None]
         if unlabelled:
             first = unlabelled[0]
-            raise ValueError(f"{args.pairs}: --outputs asks for warped_labels, but {len(unlabelled)} pair(s) name no "
-                             f"moving labels (first: {first.fixed_name} <- {first.moving_name}); give each pair its "
-                             f"labels (a third CSV column, or {LABEL_KEY!r} in a JSON entry)")
+            raise ValueError(
+                f"{args.pairs}: --outputs asks for warped_labels, but {len(unlabelled)} pair(s) name no "
+                f"moving labels (first: {first.fixed_name} <- {first.moving_name}); give each pair its "
+                f"labels (a third CSV column, or {LABEL_KEY!r} in a JSON entry)"
+            )
     out_dir = Path(args.out)
-    return [_Job(pair, requested or default_outputs(pair.moving_labels is not None, DEFAULT_OUTPUTS),
-                 _pair_target(out_dir, pair.fixed_name, pair.moving_name, args.lumir_submission, args.fp16))
-            for pair in pairs]
+    return [
+        _Job(
+            pair,
+            requested or default_outputs(pair.moving_labels is not None, DEFAULT_OUTPUTS),
+            _pair_target(out_dir, pair.fixed_name, pair.moving_name, args.lumir_submission, args.fp16),
+        )
+        for pair in pairs
+    ]
 
 
 def _finished(job: _Job, args) -> bool:
@@ -189,8 +219,15 @@ def _batch(args, client, requested: tuple[str, ...] | None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     def one(job: _Job) -> None:
-        result = client.register(job.pair.fixed, job.pair.moving, job.outputs, moving_labels=job.pair.moving_labels,
-                                 precision=args.precision, field_format=args.field_format, passes=args.passes)
+        result = client.register(
+            job.pair.fixed,
+            job.pair.moving,
+            job.outputs,
+            moving_labels=job.pair.moving_labels,
+            precision=args.precision,
+            field_format=args.field_format,
+            passes=args.passes,
+        )
         if args.lumir_submission:
             _save_submission(result, job.target, args.fp16)
         else:
@@ -208,8 +245,10 @@ def _batch(args, client, requested: tuple[str, ...] | None) -> int:
         pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     done = len(todo) - len(failures)
-    print(f"registered {done} pair(s) in {seconds:.1f} s ({done / seconds if seconds else 0:.2f} pairs/s); "
-          f"{len(jobs) - len(todo)} already done; {len(failures)} failed")
+    print(
+        f"registered {done} pair(s) in {seconds:.1f} s ({done / seconds if seconds else 0:.2f} pairs/s); "
+        f"{len(jobs) - len(todo)} already done; {len(failures)} failed"
+    )
     for failure in failures:
         print(f"  failed: {failure}", file=sys.stderr)
     return EXIT_FAILURE if failures else EXIT_OK
@@ -250,8 +289,13 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if on_main_thread else None
     try:
         requested = _requested_outputs(args.outputs)
-        with RegistrationClient(args.url, transport=args.transport, timeout=args.timeout,
-                                retry_seconds=args.retry_seconds, concurrency=args.concurrency) as client:
+        with RegistrationClient(
+            args.url,
+            transport=args.transport,
+            timeout=args.timeout,
+            retry_seconds=args.retry_seconds,
+            concurrency=args.concurrency,
+        ) as client:
             try:
                 live = client.client.is_server_live(client_timeout=10)
             except InferenceServerException:
@@ -277,35 +321,71 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    register = sub.add_parser("register", help="register a fixed and a moving NIfTI image through the service",
-                              description=__doc__.split("\n\n")[0])
+    register = sub.add_parser(
+        "register",
+        help="register a fixed and a moving NIfTI image through the service",
+        description=__doc__.split("\n\n")[0],
+    )
     register.add_argument("fixed", nargs="?", help="fixed image (NIfTI)")
     register.add_argument("moving", nargs="?", help="moving image (NIfTI)")
     register.add_argument("-o", "--out", required=True, help="output folder")
-    register.add_argument("--labels", help="label map on the moving image's grid: adds warped_labels to the "
-                                           "default outputs")
-    register.add_argument("--outputs",
-                          help="comma-separated: displacement, inverse_displacement, warped, warped_labels, qc "
-                               f"(default: {','.join(DEFAULT_OUTPUTS)}, and warped_labels with labels)")
-    register.add_argument("--url", default="localhost:8001", help="the server's gRPC host:port (default: localhost:8001)")
-    register.add_argument("--transport", choices=("auto", "shm", "grpc"), default="auto",
-                          help="auto: shared memory on this host, gRPC payloads otherwise (default: auto)")
-    register.add_argument("--precision", choices=("float16", "float32"), default="float16",
-                          help="displacement precision on the wire (default: float16; files are float32)")
-    register.add_argument("--field-format", choices=("lumir", "itk"), default="lumir",
-                          help="itk: also write displacement_itk.nii.gz for antsApplyTransforms (default: lumir)")
-    register.add_argument("--pairs", help="batch: a LUMIR dataset / evaluation JSON (entries may name a "
-                                          "'moving_label') or a fixed,moving[,moving_labels] CSV")
-    register.add_argument("--data-dir", help="batch: folder the pair paths are relative to (default: the file's folder)")
+    register.add_argument(
+        "--labels", help="label map on the moving image's grid: adds warped_labels to the default outputs"
+    )
+    register.add_argument(
+        "--outputs",
+        help="comma-separated: displacement, inverse_displacement, warped, warped_labels, qc "
+        f"(default: {','.join(DEFAULT_OUTPUTS)}, and warped_labels with labels)",
+    )
+    register.add_argument(
+        "--url", default="localhost:8001", help="the server's gRPC host:port (default: localhost:8001)"
+    )
+    register.add_argument(
+        "--transport",
+        choices=("auto", "shm", "grpc"),
+        default="auto",
+        help="auto: shared memory on this host, gRPC payloads otherwise (default: auto)",
+    )
+    register.add_argument(
+        "--precision",
+        choices=("float16", "float32"),
+        default="float16",
+        help="displacement precision on the wire (default: float16; files are float32)",
+    )
+    register.add_argument(
+        "--field-format",
+        choices=("lumir", "itk"),
+        default="lumir",
+        help="itk: also write displacement_itk.nii.gz for antsApplyTransforms (default: lumir)",
+    )
+    register.add_argument(
+        "--pairs",
+        help="batch: a LUMIR dataset / evaluation JSON (entries may name a "
+        "'moving_label') or a fixed,moving[,moving_labels] CSV",
+    )
+    register.add_argument(
+        "--data-dir", help="batch: folder the pair paths are relative to (default: the file's folder)"
+    )
     register.add_argument("--concurrency", type=int, default=2, help="batch: requests in flight (default: 2)")
-    register.add_argument("--lumir-submission", action="store_true",
-                          help="batch: write the challenge's disp_{fixedID}_{movingID}.nii.gz files")
+    register.add_argument(
+        "--lumir-submission",
+        action="store_true",
+        help="batch: write the challenge's disp_{fixedID}_{movingID}.nii.gz files",
+    )
     register.add_argument("--fp16", action="store_true", help="with --lumir-submission: float16 .npz files")
     low, high = PARAMETERS["passes"][2:4]
-    register.add_argument("--passes", type=int, choices=range(low, high + 1), metavar=f"{{{low}..{high}}}",
-                          help=f"network passes, each on the pair warped by the ones before (default: the server's, "
-                               f"{DEFAULT_PASSES})")
+    register.add_argument(
+        "--passes",
+        type=int,
+        choices=range(low, high + 1),
+        metavar=f"{{{low}..{high}}}",
+        help=f"network passes, each on the pair warped by the ones before (default: the server's, {DEFAULT_PASSES})",
+    )
     register.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default: 600)")
-    register.add_argument("--retry-seconds", type=float, default=60.0,
-                          help="how long to retry while the server is unavailable (default: 60)")
+    register.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=60.0,
+        help="how long to retry while the server is unavailable (default: 60)",
+    )
     register.set_defaults(func=run)

@@ -120,8 +120,16 @@ def to_canvas(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Placeme
     canvas_affine = canvas_affine_for(data.shape, affine)
     pull = np.linalg.inv(affine) @ canvas_affine
     # cval=lo: outside the field of view maps to 0 whatever the image's intensity range
-    canvas = ndimage.affine_transform(image, pull[:3, :3], pull[:3, 3], output_shape=CANVAS, output=np.float32,
-                                      order=1, mode="grid-constant", cval=float(lo))
+    canvas = ndimage.affine_transform(
+        image,
+        pull[:3, :3],
+        pull[:3, 3],
+        output_shape=CANVAS,
+        output=np.float32,
+        order=1,
+        mode="grid-constant",
+        cval=float(lo),
+    )
     canvas = np.rint(np.clip((canvas - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
     return canvas, Placement(data.shape, affine, canvas_affine, False)
 
@@ -133,7 +141,7 @@ def _slabs(shape):  # (start, stop) ranges along axis 0
 
 
 def _grid(shape, start, stop) -> np.ndarray:
-    return np.mgrid[start:stop, 0:shape[1], 0:shape[2]].astype(np.float64)
+    return np.mgrid[start:stop, 0 : shape[1], 0 : shape[2]].astype(np.float64)
 
 
 def _apply(matrix, points) -> np.ndarray:
@@ -177,8 +185,9 @@ def field_to_fixed_grid(canvas_disp: np.ndarray, fixed: Placement, moving: Place
     return out
 
 
-def moving_coordinates(disp: np.ndarray, fixed: Placement, moving: Placement, start: int = 0,
-                       stop: int | None = None) -> np.ndarray:
+def moving_coordinates(
+    disp: np.ndarray, fixed: Placement, moving: Placement, start: int = 0, stop: int | None = None
+) -> np.ndarray:
     """Moving-image voxel coordinates ``inv(moving.affine) @ fixed.affine @ (x + d(x))`` of the fixed voxels x
     with ``start <= x[0] < stop``, as (3, stop - start, Y, Z) float64; ``disp`` is d, (3, *fixed.shape), voxels."""
     stop = fixed.shape[0] if stop is None else stop
@@ -186,8 +195,9 @@ def moving_coordinates(disp: np.ndarray, fixed: Placement, moving: Placement, st
     return _apply(np.linalg.inv(moving.affine) @ fixed.affine, x + disp[:, start:stop])
 
 
-def warp_to_fixed(moving_data: np.ndarray, disp: np.ndarray, fixed: Placement, moving: Placement,
-                  labels: bool = False) -> np.ndarray:
+def warp_to_fixed(
+    moving_data: np.ndarray, disp: np.ndarray, fixed: Placement, moving: Placement, labels: bool = False
+) -> np.ndarray:
     """The caller's own moving array resampled onto the fixed grid through d.
 
     The value at fixed voxel x is ``moving_data`` at moving voxel ``inv(moving.affine) @ fixed.affine @ (x + d(x))``;
@@ -215,8 +225,9 @@ def warp_to_fixed(moving_data: np.ndarray, disp: np.ndarray, fixed: Placement, m
     out = np.empty(fixed.shape, dtype=source.dtype)
     for start, stop in _slabs(fixed.shape):
         coords = moving_coordinates(disp, fixed, moving, start, stop)
-        out[start:stop] = ndimage.map_coordinates(source, coords, order=order, mode="grid-constant", cval=0,
-                                                  output=source.dtype)
+        out[start:stop] = ndimage.map_coordinates(
+            source, coords, order=order, mode="grid-constant", cval=0, output=source.dtype
+        )
     return out
 
 

@@ -35,9 +35,14 @@ from lumireg.contract import ENTRY_MODEL, request_parameters
 
 RESULT_OUTPUTS = ("displacement", "inverse_displacement", "warped", "warped_labels", "qc")
 DEFAULT_OUTPUTS = ("displacement", "warped")  # and warped_labels when moving labels are given
-FILES = {"displacement": "displacement.nii.gz", "inverse_displacement": "inverse_displacement.nii.gz",
-         "warped": "warped.nii.gz", "warped_labels": "warped_labels.nii.gz", "qc": "qc.json",
-         "displacement_itk": "displacement_itk.nii.gz"}
+FILES = {
+    "displacement": "displacement.nii.gz",
+    "inverse_displacement": "inverse_displacement.nii.gz",
+    "warped": "warped.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "qc": "qc.json",
+    "displacement_itk": "displacement_itk.nii.gz",
+}
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 # gRPC statuses (InferenceServerException.status()) that mean "no server to answer now", so a request is retried:
 # UNAVAILABLE: nothing listens at the address, or the server says try again (its network model is not loaded);
@@ -69,7 +74,7 @@ class Image:
 
 
 def load_image(source, what: str, affine: np.ndarray | None = None) -> Image:
-    """A path, a nibabel image or an array (with ``affine``; LUMIR-shaped uint8 arrays may omit it) -> :class:`Image`."""
+    """A path, a nibabel image or an array (with ``affine``; LUMIR-shaped uint8 arrays may omit it) -> Image."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -161,8 +166,14 @@ class RegistrationClient:
         concurrency: requests this client may have in flight at once (threads).
     """
 
-    def __init__(self, url: str = "localhost:8001", transport: str = "auto", timeout: float = 600.0,
-                 retry_seconds: float = 60.0, concurrency: int = 1):
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        transport: str = "auto",
+        timeout: float = 600.0,
+        retry_seconds: float = 60.0,
+        concurrency: int = 1,
+    ):
         if transport == "auto":
             transport = "shm" if url.rsplit(":", 1)[0] in LOOPBACK else "grpc"
         if transport not in ("shm", "grpc"):
@@ -172,7 +183,7 @@ class RegistrationClient:
         self.client = grpcclient.InferenceServerClient(url)
         self.transport = SharedMemoryTransport(concurrency) if transport == "shm" else GrpcTransport()
 
-    def __enter__(self) -> "RegistrationClient":
+    def __enter__(self) -> RegistrationClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -190,8 +201,9 @@ class RegistrationClient:
         except InferenceServerException:
             return False
 
-    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str],
-              parameters: dict | None = None) -> dict[str, np.ndarray]:
+    def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str], parameters: dict | None = None
+    ) -> dict[str, np.ndarray]:
         """One request of the wire contract (batch axis included), retried while the server is unavailable.
 
         ``parameters``: request parameters (:data:`lumireg.contract.PARAMETERS`); None sends none (server defaults).
@@ -218,13 +230,25 @@ class RegistrationClient:
                 if status not in RETRY_STATUSES:
                     raise LumiregError(f"the server refused the request: {message}") from exc
                 if time.monotonic() + delay > deadline:
-                    raise ServerUnavailable(f"no lumireg server answered at {self.url} "
-                                            f"(retried for {self.retry_seconds:g} s): {message}") from exc
+                    raise ServerUnavailable(
+                        f"no lumireg server answered at {self.url} (retried for {self.retry_seconds:g} s): {message}"
+                    ) from exc
                 time.sleep(delay)
                 delay, reset = min(2 * delay, 5.0), True
 
-    def register(self, fixed, moving, outputs=None, moving_labels=None, *, fixed_affine=None, moving_affine=None,
-                 precision: str = "float16", field_format: str = "lumir", passes: int | None = None) -> RegistrationResult:
+    def register(
+        self,
+        fixed,
+        moving,
+        outputs=None,
+        moving_labels=None,
+        *,
+        fixed_affine=None,
+        moving_affine=None,
+        precision: str = "float16",
+        field_format: str = "lumir",
+        passes: int | None = None,
+    ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
         Args:
@@ -254,8 +278,9 @@ class RegistrationClient:
         if outputs is None:
             outputs = default_outputs(moving_labels is not None)
         outputs = _checked_outputs(outputs, precision, field_format, moving_labels is not None)
-        placed = _place(load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine),
-                        moving_labels)
+        placed = _place(
+            load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine), moving_labels
+        )
         inputs, wire = _request(placed, outputs, precision)
         sent = time.perf_counter()
         answer = self.infer(inputs, wire, parameters)
@@ -266,6 +291,7 @@ class RegistrationClient:
 
 
 # --- the steps of RegistrationClient.register --------------------------------------------------------------
+
 
 def default_outputs(has_labels: bool, base=DEFAULT_OUTPUTS) -> tuple[str, ...]:
     """``base`` outputs, plus ``warped_labels`` when the caller gave moving labels (labels given are never ignored)."""
@@ -282,8 +308,10 @@ def _checked_outputs(outputs, precision: str, field_format: str, has_labels: boo
     outputs = set(outputs)
     unknown = outputs - set(RESULT_OUTPUTS)
     if unknown or precision not in ("float16", "float32") or field_format not in ("lumir", "itk"):
-        raise ValueError(f"outputs must be among {RESULT_OUTPUTS} (got {sorted(unknown)}), precision "
-                         f"float16|float32 (got {precision!r}), field_format lumir|itk (got {field_format!r})")
+        raise ValueError(
+            f"outputs must be among {RESULT_OUTPUTS} (got {sorted(unknown)}), precision "
+            f"float16|float32 (got {precision!r}), field_format lumir|itk (got {field_format!r})"
+        )
     if "warped_labels" in outputs and not has_labels:
         raise InputError("warped_labels needs moving_labels")
     if field_format == "itk":
@@ -296,12 +324,14 @@ def _load_labels(source, moving: Image) -> Image:
     array), whole-number floats (as many tools save label maps) turned to int32; :class:`InputError` otherwise."""
     labels = load_image(source, "moving_labels", moving.affine)
     if labels.data.shape != moving.data.shape:
-        raise InputError(f"moving_labels: shape {labels.data.shape} differs from the moving image's "
-                         f"{moving.data.shape}")
+        raise InputError(
+            f"moving_labels: shape {labels.data.shape} differs from the moving image's {moving.data.shape}"
+        )
     if not np.issubdtype(labels.data.dtype, np.integer):
         if not np.array_equal(labels.data, np.round(labels.data)):
-            raise InputError(f"moving_labels: values must be whole numbers (a label map), got "
-                             f"{labels.data.dtype} with fractions")
+            raise InputError(
+                f"moving_labels: values must be whole numbers (a label map), got {labels.data.dtype} with fractions"
+            )
         labels.data = labels.data.astype(np.int32)
     return labels
 
@@ -329,8 +359,9 @@ class _Placed:
 def _place(fixed: Image, moving: Image, moving_labels) -> _Placed:
     """Both images onto the canvas (:func:`lumireg.client.geometry.to_canvas`), the labels loaded beside them."""
     labels = _load_labels(moving_labels, moving) if moving_labels is not None else None
-    (fixed_canvas, fixed_place), (moving_canvas, moving_place) = (_on_canvas(image, what) for image, what in
-                                                                  ((fixed, "fixed"), (moving, "moving")))
+    (fixed_canvas, fixed_place), (moving_canvas, moving_place) = (
+        _on_canvas(image, what) for image, what in ((fixed, "fixed"), (moving, "moving"))
+    )
     return _Placed(fixed, moving, labels, fixed_canvas, moving_canvas, fixed_place, moving_place)
 
 
@@ -356,8 +387,14 @@ def _request(placed: _Placed, outputs: set[str], precision: str) -> tuple[dict[s
     return inputs, wire
 
 
-def _reassemble(result: RegistrationResult, answer: dict[str, np.ndarray], placed: _Placed, outputs: set[str],
-                precision: str, field_format: str) -> None:
+def _reassemble(
+    result: RegistrationResult,
+    answer: dict[str, np.ndarray],
+    placed: _Placed,
+    outputs: set[str],
+    precision: str,
+    field_format: str,
+) -> None:
     """Fill ``result`` from the server's ``answer``: every field on its image's own grid (voxels, pull-back),
     the warped images on the fixed grid with the fixed image's affine and header, labels in their own dtype."""
     fixed, moving = placed.fixed, placed.moving
@@ -378,8 +415,9 @@ def _reassemble(result: RegistrationResult, answer: dict[str, np.ndarray], place
             if placed.native:
                 data = answer[name][0, 0]
             else:
-                data = geometry.warp_to_fixed(source.data, disp, placed.fixed_place, placed.moving_place,
-                                              labels=name == "warped_labels")
+                data = geometry.warp_to_fixed(
+                    source.data, disp, placed.fixed_place, placed.moving_place, labels=name == "warped_labels"
+                )
             if name == "warped_labels":
                 data = data.astype(source.data.dtype)
             setattr(result, name, _like(np.ascontiguousarray(data), fixed))

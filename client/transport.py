@@ -29,8 +29,10 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from lumireg.contract import ENTRY_MODEL, OUTPUTS
 
-OUTPUT_TYPES = {name: (triton_to_np_dtype(kind.removeprefix("TYPE_").replace("STRING", "BYTES")), dims)
-                for name, kind, dims in OUTPUTS}
+OUTPUT_TYPES = {
+    name: (triton_to_np_dtype(kind.removeprefix("TYPE_").replace("STRING", "BYTES")), dims)
+    for name, kind, dims in OUTPUTS
+}
 
 
 def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
@@ -56,10 +58,21 @@ def output_nbytes(name: str, batch: int) -> int:
 class GrpcTransport:
     """Tensors in the gRPC messages."""
 
-    def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None,
-              parameters: dict | None = None) -> dict:
-        result = client.infer(ENTRY_MODEL, payload_inputs(inputs), outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
-                              client_timeout=timeout, parameters=parameters)
+    def infer(
+        self,
+        client,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        timeout: float | None,
+        parameters: dict | None = None,
+    ) -> dict:
+        result = client.infer(
+            ENTRY_MODEL,
+            payload_inputs(inputs),
+            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+            client_timeout=timeout,
+            parameters=parameters,
+        )
         return {name: np.array(result.as_numpy(name)) for name in outputs}
 
     def reset(self, client) -> None:
@@ -127,8 +140,14 @@ class SharedMemoryTransport:
         region.register(client)
         return region
 
-    def infer(self, client, inputs: dict[str, np.ndarray], outputs: list[str], timeout: float | None,
-              parameters: dict | None = None) -> dict:
+    def infer(
+        self,
+        client,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        timeout: float | None,
+        parameters: dict | None = None,
+    ) -> dict:
         slot = self._free.get()
         try:
             return self._infer(client, slot, inputs, outputs, timeout, parameters)
@@ -161,7 +180,9 @@ class SharedMemoryTransport:
         for name in outputs:
             if name in places:
                 dtype, dims = OUTPUT_TYPES[name]
-                answer[name] = np.array(shm.get_contents_as_numpy(out_region.handle, dtype, [batch, *dims], places[name]))
+                answer[name] = np.array(
+                    shm.get_contents_as_numpy(out_region.handle, dtype, [batch, *dims], places[name])
+                )
             else:
                 answer[name] = np.array(result.as_numpy(name))
         return answer

@@ -38,8 +38,10 @@ def as_channels_last(disp: np.ndarray) -> np.ndarray:
 
 def _check_disp(disp: np.ndarray) -> np.ndarray:
     if disp.ndim != 4 or disp.shape[-1] != 3:
-        raise ValueError(f"expected a [D, H, W, 3] displacement field, got shape {disp.shape} "
-                         "(as_channels_last converts [3, D, H, W])")
+        raise ValueError(
+            f"expected a [D, H, W, 3] displacement field, got shape {disp.shape} "
+            "(as_channels_last converts [3, D, H, W])"
+        )
     return disp
 
 
@@ -76,8 +78,9 @@ def _present(volume: np.ndarray, labels: list[int]) -> np.ndarray:
     return counts[labels] > 0
 
 
-def dice(fixed_labels: np.ndarray, warped_labels: np.ndarray, labels: list[int],
-         moving_labels: np.ndarray | None = None) -> np.ndarray:
+def dice(
+    fixed_labels: np.ndarray, warped_labels: np.ndarray, labels: list[int], moving_labels: np.ndarray | None = None
+) -> np.ndarray:
     """Dice overlap ``2|F∩W| / (|F| + |W|)`` per listed label.
 
     NaN where the label is absent from the fixed map, or from the moving map
@@ -139,8 +142,9 @@ def _robust_hausdorff_95(fixed_mask: np.ndarray, warped_mask: np.ndarray) -> flo
     return float(surface_distance.compute_robust_hausdorff(distances, 95.0))
 
 
-def hd95(fixed_labels: np.ndarray, warped_labels: np.ndarray, labels: list[int],
-         moving_labels: np.ndarray | None = None) -> np.ndarray:
+def hd95(
+    fixed_labels: np.ndarray, warped_labels: np.ndarray, labels: list[int], moving_labels: np.ndarray | None = None
+) -> np.ndarray:
     """Robust (95th percentile) Hausdorff distance per listed label, in voxels.
 
     The official LUMIR evaluator's ``compute_hd95``: NaN where the label is
@@ -174,8 +178,9 @@ def hd95(fixed_labels: np.ndarray, warped_labels: np.ndarray, labels: list[int],
     return out
 
 
-def landmark_distances(fixed_landmarks: np.ndarray, warped_landmarks: np.ndarray,
-                       labels: list[int] | None = None) -> np.ndarray:
+def landmark_distances(
+    fixed_landmarks: np.ndarray, warped_landmarks: np.ndarray, labels: list[int] | None = None
+) -> np.ndarray:
     """Distance in voxels between the centroids of each landmark label, warped moving vs fixed.
 
     Args:
@@ -261,9 +266,13 @@ def _jacobians(trans: np.ndarray):
     steps = [_diff(trans, 1 + a) for a in range(3)]  # T(q + e_a) - T(q)
 
     def step(a: int, sign: int) -> np.ndarray:  # forward (+1) or backward (-1) difference at every interior p
-        return steps[a][(slice(None),) + tuple(
-            slice(1 if sign > 0 else 0, n - 1 if sign > 0 else n - 2) if b == a else slice(1, n - 1)
-            for b, n in enumerate(shape))]
+        return steps[a][
+            (slice(None),)
+            + tuple(
+                slice(1 if sign > 0 else 0, n - 1 if sign > 0 else n - 2) if b == a else slice(1, n - 1)
+                for b, n in enumerate(shape)
+            )
+        ]
 
     for signs in _ONE_SIDED:
         yield _det3(*[step(a, s) for a, s in enumerate(signs)])
@@ -338,7 +347,7 @@ def ndv_percent(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
     volume = 0.0
     for start in range(0, depth - 2, _SLAB):  # interior rows start+1 ... start+_SLAB
         stop = min(start + _SLAB, depth - 2)
-        folded = sum((-j).clip(min=0.0) for j in _jacobians(_transform(disp[start:stop + 2], start)))
+        folded = sum((-j).clip(min=0.0) for j in _jacobians(_transform(disp[start : stop + 2], start)))
         volume += float(folded[inside[start:stop]].sum())
     volume *= 0.5 / 6
     count = int(inside.sum())
@@ -363,10 +372,10 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
         import torch
 
         disp = disp.double()
-        gradient = (lambda x, a: torch.gradient(x, dim=a)[0])  # noqa: E731
+        gradient = lambda x, a: torch.gradient(x, dim=a)[0]  # noqa: E731
     else:
         disp = disp.astype(np.float64)
-        gradient = (lambda x, a: np.gradient(x, axis=a))  # noqa: E731
+        gradient = lambda x, a: np.gradient(x, axis=a)  # noqa: E731
     # row a: d(x + disp)/d x_a, the official's layout
     return _det3(*[[gradient(disp[..., c], a) + (c == a) for c in range(3)] for a in range(3)])
 

@@ -64,7 +64,8 @@ def _check_method(path, m) -> dict:
         _fail(path, f"each evaluation method needs a 'name' and a 'metric' in {METRICS}, got {m!r}")
     labels = m.get("labels")
     if (m["metric"] in ("dice", "hd95") or labels is not None) and not (
-            isinstance(labels, list) and all(isinstance(v, int) and v >= 0 for v in labels)):
+        isinstance(labels, list) and all(isinstance(v, int) and v >= 0 for v in labels)
+    ):
         _fail(path, f"method {m['name']!r} needs 'labels': a list of non-negative integers")
     if m["metric"] == "tre" and not isinstance(m.get("dest"), str):
         _fail(path, f"method {m['name']!r} (tre) needs 'dest', the landmark folder, e.g. \"landmarks\"")
@@ -95,18 +96,26 @@ def load_config(path) -> dict:
     if not isinstance(data, dict):
         _fail(path, "the config must be a JSON object")
     shape = data.get("expected_shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(n, int) and n > 0 for n in shape)
-            and shape[3] == 3):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(n, int) and n > 0 for n in shape)
+        and shape[3] == 3
+    ):
         _fail(path, f"'expected_shape' must be [D, H, W, 3], got {shape!r}")
     pairs, methods = data.get("eval_pairs"), data.get("evaluation_methods")
     if not isinstance(pairs, list) or not pairs:
-        _fail(path, "'eval_pairs' must be a non-empty list of {\"fixed\", \"moving\"}")
+        _fail(path, '\'eval_pairs\' must be a non-empty list of {"fixed", "moving"}')
     if not isinstance(methods, list) or not methods:
         _fail(path, "'evaluation_methods' must be a non-empty list")
     if data.get("masked_evaluation"):
         _fail(path, "'masked_evaluation': true is not supported")
-    return {"name": str(data.get("name", Path(path).stem)), "expected_shape": tuple(shape),
-            "pairs": [_check_pair(path, p) for p in pairs], "methods": [_check_method(path, m) for m in methods]}
+    return {
+        "name": str(data.get("name", Path(path).stem)),
+        "expected_shape": tuple(shape),
+        "pairs": [_check_pair(path, p) for p in pairs],
+        "methods": [_check_method(path, m) for m in methods],
+    }
 
 
 def _gt_file(gt_dir: Path, image: str, folder: str) -> Path:
@@ -200,8 +209,11 @@ def evaluate_case(disp: np.ndarray, gt_dir: Path, pair: dict, methods: list[dict
             warped = metrics.warp_labels_nearest(moving, disp)
             out[m["name"]] = _per_label(metrics.landmark_distances(fixed, warped, labels), labels, np.mean)
         else:
-            value = (metrics.ndv_percent(disp, _volume(_needed(gt_dir, pair, m)[0])) if metric == "ndv"
-                     else metrics.sdlogj(disp))
+            value = (
+                metrics.ndv_percent(disp, _volume(_needed(gt_dir, pair, m)[0]))
+                if metric == "ndv"
+                else metrics.sdlogj(disp)
+            )
             out[m["name"]] = {"mean": value, "detailed": value}
     return out
 
@@ -235,8 +247,12 @@ def evaluate(disp_dir, gt_dir, config_paths: list, progress: bool = True) -> dic
     for key, case in tqdm(cases.items(), desc="evaluate", unit="case", disable=not progress):
         disp = load_disp(_disp_file(disp_dir, case["pair"]["disp"]), case["shape"])
         results[key] = evaluate_case(disp, gt_dir, case["pair"], list(case["methods"].values()))
-    return {"name": configs[-1]["name"], "aggregates": aggregate(results), "cases": results,
-            "evaluator": f"lumireg {__version__}"}
+    return {
+        "name": configs[-1]["name"],
+        "aggregates": aggregate(results),
+        "cases": results,
+        "evaluator": f"lumireg {__version__}",
+    }
 
 
 def _finite_or_none(obj):

@@ -55,10 +55,14 @@ def export_onnx(model: LumiNet, path: str | Path, shape: tuple[int, int, int] = 
         # the exporter warns about the deprecation of TorchScript and about our shape checks, traced as constants
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            VelocityGraph(model.eval()), (example, example), str(partial), input_names=list(NETWORK_INPUT_NAMES),
+            VelocityGraph(model.eval()),
+            (example, example),
+            str(partial),
+            input_names=list(NETWORK_INPUT_NAMES),
             output_names=[NETWORK_OUTPUT_NAME],
             dynamic_axes={name: batch_axis for name in (*NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME)},
-            opset_version=OPSET, dynamo=False,
+            opset_version=OPSET,
+            dynamo=False,
         )
     partial.replace(path)
     return path
@@ -87,14 +91,17 @@ def parity_inputs(shape: tuple[int, int, int] = CANVAS, seed: int = 0) -> dict[s
     """The pairs every export is checked on: the template pair (:func:`template_pair`; only at the canvas
     size) and uniform random bytes (batch of 2, so the dynamic axis is exercised); ``uint8 (B, 1, *shape)``."""
     generator = np.random.default_rng(seed)
-    pairs = {"random pair, batch 2": tuple(generator.integers(0, 256, (2, 1, *shape), dtype=np.uint8) for _ in range(2))}
+    pairs = {
+        "random pair, batch 2": tuple(generator.integers(0, 256, (2, 1, *shape), dtype=np.uint8) for _ in range(2))
+    }
     if tuple(shape) == CANVAS:
         pairs = {"template pair": template_pair(shape), **pairs}
     return pairs
 
 
-def check_parity(model: LumiNet, run_exported, shape: tuple[int, int, int] = CANVAS,
-                 tolerance: float = PARITY_TOLERANCE) -> dict[str, float]:
+def check_parity(
+    model: LumiNet, run_exported, shape: tuple[int, int, int] = CANVAS, tolerance: float = PARITY_TOLERANCE
+) -> dict[str, float]:
     """Max abs velocity difference of an exported graph against PyTorch, per input pair.
 
     ``run_exported(fixed_u8, moving_u8) -> velocity`` (numpy in, numpy out)
@@ -108,11 +115,15 @@ def check_parity(model: LumiNet, run_exported, shape: tuple[int, int, int] = CAN
             expected = graph(torch.from_numpy(fixed), torch.from_numpy(moving)).numpy()
         got = np.asarray(run_exported(fixed, moving), dtype=np.float32)
         if got.shape != expected.shape:
-            raise RuntimeError(f"parity check, {name}: exported velocity has shape {got.shape}, expected {expected.shape}")
+            raise RuntimeError(
+                f"parity check, {name}: exported velocity has shape {got.shape}, expected {expected.shape}"
+            )
         report[name] = float(np.abs(got - expected).max())
         if not report[name] <= tolerance:
-            raise RuntimeError(f"parity check failed on the {name}: max |exported - PyTorch| = {report[name]:.3g} "
-                               f"half-resolution voxels > {tolerance:g}")
+            raise RuntimeError(
+                f"parity check failed on the {name}: max |exported - PyTorch| = {report[name]:.3g} "
+                f"half-resolution voxels > {tolerance:g}"
+            )
     return report
 
 
@@ -125,8 +136,10 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", device_id: int = 
     providers: list = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise RuntimeError("the network should run on CUDA but this onnxruntime has no CUDA execution provider; "
-                               "replace onnxruntime with onnxruntime-gpu (same version) on GPU hosts")
+            raise RuntimeError(
+                "the network should run on CUDA but this onnxruntime has no CUDA execution provider; "
+                "replace onnxruntime with onnxruntime-gpu (same version) on GPU hosts"
+            )
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
     return onnxruntime.InferenceSession(str(path), options, providers=providers)
 

@@ -27,8 +27,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lumireg.contract import (ENTRY_MODEL, INPUTS, MAX_BATCH_SIZE, NETWORK_INPUTS, NETWORK_MODEL, NETWORK_OUTPUT,
-                              ONNX_FILE, OUTPUTS, PLAN_FILE)
+from lumireg.contract import (
+    ENTRY_MODEL,
+    INPUTS,
+    MAX_BATCH_SIZE,
+    NETWORK_INPUTS,
+    NETWORK_MODEL,
+    NETWORK_OUTPUT,
+    ONNX_FILE,
+    OUTPUTS,
+    PLAN_FILE,
+)
 
 VARIANTS = ("python", "onnx", "tensorrt")
 NETWORK_FILES = {"python": ONNX_FILE, "onnx": ONNX_FILE, "tensorrt": PLAN_FILE}
@@ -55,7 +64,8 @@ def entry_config() -> str:
     return (
         _HEADER + f'name: "{ENTRY_MODEL}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
         "dynamic_batching { }\n"
-        + _block("input", [_tensor(*spec) for spec in INPUTS]) + _block("output", [_tensor(*output) for output in OUTPUTS])
+        + _block("input", [_tensor(*spec) for spec in INPUTS])
+        + _block("output", [_tensor(*output) for output in OUTPUTS])
         # inputs stay where they arrived (GPU memory with CUDA shared memory), no copy to the host
         + _parameters({"network_model": NETWORK_MODEL, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
     )
@@ -65,10 +75,14 @@ def network_config(variant: str) -> str:
     """``config.pbtxt`` of the ``lumireg_network`` model for a repository variant."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown repository variant {variant!r}; expected one of {VARIANTS}")
-    backend = {"python": 'backend: "python"', "onnx": 'platform: "onnxruntime_onnx"',
-               "tensorrt": 'platform: "tensorrt_plan"'}[variant]
+    backend = {
+        "python": 'backend: "python"',
+        "onnx": 'platform: "onnxruntime_onnx"',
+        "tensorrt": 'platform: "tensorrt_plan"',
+    }[variant]
     text = (
-        _HEADER + f'name: "{NETWORK_MODEL}"\n{backend}\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+        _HEADER
+        + f'name: "{NETWORK_MODEL}"\n{backend}\nmax_batch_size: {MAX_BATCH_SIZE}\n'
         + _block("input", [_tensor(*spec) for spec in NETWORK_INPUTS])
         + _block("output", [_tensor(*NETWORK_OUTPUT)])
     )
@@ -78,8 +92,10 @@ def network_config(variant: str) -> str:
 
 
 def _python_model(module: str) -> str:
-    return (f'"""Triton python-backend entry; the model lives in {module}."""\n\n'
-            f"from {module} import TritonPythonModel  # noqa: F401\n")
+    return (
+        f'"""Triton python-backend entry; the model lives in {module}."""\n\n'
+        f"from {module} import TritonPythonModel  # noqa: F401\n"
+    )
 
 
 def repository_files(variant: str = "python") -> dict[str, str]:

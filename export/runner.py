@@ -11,25 +11,43 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import json
+import shutil
 import sys
 import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-from lumireg.contract import (CHECKPOINT_FILE, EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE,
-                              EXPORT_RECORD, ONNX_FILE)
+from lumireg.contract import (
+    CHECKPOINT_FILE,
+    EXIT_FAILURE,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXPORT_RECORD,
+    ONNX_FILE,
+)
 from lumireg.export import repository  # no torch: `lumireg --help` stays light
 
 
-def export(checkpoint: str | Path | None = None, root: str | Path = repository.SOURCE_REPOSITORY,
-           variant: str = "python", fp16: bool = False, log=print) -> dict:
+def export(
+    checkpoint: str | Path | None = None,
+    root: str | Path = repository.SOURCE_REPOSITORY,
+    variant: str = "python",
+    fp16: bool = False,
+    log=print,
+) -> dict:
     """Export ``checkpoint`` (default: the bundled weights) into the repository at ``root``; returns the record."""
     from lumireg.export import tensorrt
-    from lumireg.export.onnx import (OPSET, PARITY_TOLERANCE, check_parity, export_onnx, onnxruntime_runner,
-                                     onnxruntime_session)
+    from lumireg.export.onnx import (
+        OPSET,
+        PARITY_TOLERANCE,
+        check_parity,
+        export_onnx,
+        onnxruntime_runner,
+        onnxruntime_session,
+    )
     from lumireg.network.checkpoint import DEFAULT_WEIGHTS, load_model, read_checkpoint
 
     checkpoint = Path(checkpoint or DEFAULT_WEIGHTS)
@@ -106,14 +124,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    export_parser = sub.add_parser("export", help="export a checkpoint to ONNX / TensorRT into a model repository",
-                                   description=__doc__.splitlines()[0])
+    export_parser = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX / TensorRT into a model repository",
+        description=__doc__.splitlines()[0],
+    )
     export_parser.add_argument("--checkpoint", help="weights to export (default: the bundled weights)")
-    export_parser.add_argument("--repository", default=str(repository.SOURCE_REPOSITORY),
-                               help="model repository to write (default: the project's model_repository/)")
-    export_parser.add_argument("--variant", choices=repository.VARIANTS, default="python",
-                               help="who runs the network: python (ONNX Runtime in the python backend, the embedded "
-                                    "server), onnx (Triton's onnxruntime backend), tensorrt (default: python)")
+    export_parser.add_argument(
+        "--repository",
+        default=str(repository.SOURCE_REPOSITORY),
+        help="model repository to write (default: the project's model_repository/)",
+    )
+    export_parser.add_argument(
+        "--variant",
+        choices=repository.VARIANTS,
+        default="python",
+        help="who runs the network: python (ONNX Runtime in the python backend, the embedded "
+        "server), onnx (Triton's onnxruntime backend), tensorrt (default: python)",
+    )
     export_parser.add_argument("--trt", action="store_true", help="build a TensorRT plan (same as --variant tensorrt)")
     export_parser.add_argument("--fp16", action="store_true", help="with --trt: a half-precision plan")
     export_parser.set_defaults(func=run)

@@ -32,8 +32,11 @@ def _tensorrt():
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
     if missing:
-        raise ExportUnavailable("a TensorRT plan cannot be built here: it needs " + " and ".join(missing)
-                                + ". The ONNX export (the default, `lumireg export`) works without them.")
+        raise ExportUnavailable(
+            "a TensorRT plan cannot be built here: it needs "
+            + " and ".join(missing)
+            + ". The ONNX export (the default, `lumireg export`) works without them."
+        )
     return tensorrt
 
 
@@ -71,7 +74,10 @@ def plan_runner(plan_path: str | Path):
     context = engine.create_execution_context()
 
     def run(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
-        feeds = {name: torch.from_numpy(np.ascontiguousarray(a)).cuda() for name, a in zip(NETWORK_INPUT_NAMES, (fixed, moving))}
+        feeds = {
+            name: torch.from_numpy(np.ascontiguousarray(a)).cuda()
+            for name, a in zip(NETWORK_INPUT_NAMES, (fixed, moving))
+        }
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())

@@ -89,20 +89,30 @@ def _ncc_products_w_kernel(
 
 @triton.jit
 def _ncc_box_kernel(
-    src_ptr, dst_ptr, n, stride, size,
-    FIELDS: tl.constexpr, WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    n,
+    stride,
+    size,
+    FIELDS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     plane = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     for f in tl.static_range(FIELDS):
         base = (plane * FIELDS + f) * n
-        tl.store(dst_ptr + base + offs, _box_sum(src_ptr + base, offs, stride, size, mask, WINDOW, ACC, BLOCK), mask=mask)
+        tl.store(
+            dst_ptr + base + offs, _box_sum(src_ptr + base, offs, stride, size, mask, WINDOW, ACC, BLOCK), mask=mask
+        )
 
 
 @triton.jit
-def _ncc_terms_along_d(sums_ptr, plane, offs, n, HW, D, mask, WINDOW: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _ncc_terms_along_d(
+    sums_ptr, plane, offs, n, HW, D, mask, WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     """The last (D) sweep of the five box sums, then the NCC terms: ``s_i, s_j, cross, var_i, var_j, den``."""
     base = sums_ptr + plane * 5 * n
     s_i = _box_sum(base, offs, HW, D, mask, WINDOW, ACC, BLOCK)
@@ -115,9 +125,7 @@ def _ncc_terms_along_d(sums_ptr, plane, offs, n, HW, D, mask, WINDOW: tl.constex
 
 
 @triton.jit
-def _ncc_forward_kernel(
-    sums_ptr, partial_ptr, n, HW, D, WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
+def _ncc_forward_kernel(sums_ptr, partial_ptr, n, HW, D, WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     plane = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -148,8 +156,19 @@ def _ncc_coefficients_kernel(
 
 @triton.jit
 def _ncc_backward_kernel(
-    coef_ptr, fixed_ptr, moving_ptr, scale_ptr, grad_fixed_ptr, grad_moving_ptr, C, n, HW, D,
-    WINDOW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    coef_ptr,
+    fixed_ptr,
+    moving_ptr,
+    scale_ptr,
+    grad_fixed_ptr,
+    grad_moving_ptr,
+    C,
+    n,
+    HW,
+    D,
+    WINDOW: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     plane = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -175,9 +194,7 @@ def _box_sums_wh(fixed: torch.Tensor, moving: torch.Tensor, window: int):
     along_w = new_output((B * C, FIELDS, n), fixed, dtype=acc)
     _ncc_products_w_kernel[grid](fixed, moving, along_w, n, W, WINDOW=window, ACC=triton_dtype(acc), BLOCK=BLOCK)
     along_wh = new_output((B * C, FIELDS, n), fixed, dtype=acc)
-    _ncc_box_kernel[grid](
-        along_w, along_wh, n, W, H, FIELDS=FIELDS, WINDOW=window, ACC=triton_dtype(acc), BLOCK=BLOCK
-    )
+    _ncc_box_kernel[grid](along_w, along_wh, n, W, H, FIELDS=FIELDS, WINDOW=window, ACC=triton_dtype(acc), BLOCK=BLOCK)
     return along_wh, along_w, grid
 
 
@@ -258,7 +275,9 @@ def local_ncc_torch(fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC
     return (cross * cross / (var_i * var_j + EPS)).mean(dim=(1, 2, 3, 4))
 
 
-def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC_WINDOW, backend: str = "auto") -> torch.Tensor:
+def local_ncc(
+    fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC_WINDOW, backend: str = "auto"
+) -> torch.Tensor:
     """Mean local normalised cross-correlation of two images, per sample.
 
     VoxelMorph's NCC with zero padding: box sums over a ``window**3`` cube

@@ -72,9 +72,18 @@ def _round_half_even(x):
 
 @triton.jit
 def _warp_forward_kernel(
-    image_ptr, disp_ptr, out_ptr, C, D, H, W,
-    NEAREST: tl.constexpr, BORDER: tl.constexpr, RESIDUAL: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    image_ptr,
+    disp_ptr,
+    out_ptr,
+    C,
+    D,
+    H,
+    W,
+    NEAREST: tl.constexpr,
+    BORDER: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     n = D * H * W
@@ -117,9 +126,20 @@ def _warp_forward_kernel(
 
 @triton.jit
 def _warp_backward_kernel(
-    image_ptr, disp_ptr, grad_out_ptr, grad_image_ptr, grad_disp_ptr, C, D, H, W,
-    BORDER: tl.constexpr, IMAGE_GRAD: tl.constexpr, DISP_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    image_ptr,
+    disp_ptr,
+    grad_out_ptr,
+    grad_image_ptr,
+    grad_disp_ptr,
+    C,
+    D,
+    H,
+    W,
+    BORDER: tl.constexpr,
+    IMAGE_GRAD: tl.constexpr,
+    DISP_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     n = D * H * W
@@ -178,9 +198,16 @@ def warp_forward(
     image, disp = image.contiguous(), disp.contiguous()
     out = new_output(image.shape, image)
     _warp_forward_kernel[_launch_grid(image)](
-        image, disp, out, image.shape[1], *image.shape[2:],
-        NEAREST=nearest, BORDER=border, RESIDUAL=residual,
-        ACC=triton_dtype(compute_dtype(image, disp)), BLOCK=BLOCK,
+        image,
+        disp,
+        out,
+        image.shape[1],
+        *image.shape[2:],
+        NEAREST=nearest,
+        BORDER=border,
+        RESIDUAL=residual,
+        ACC=triton_dtype(compute_dtype(image, disp)),
+        BLOCK=BLOCK,
     )
     return out
 
@@ -203,8 +230,18 @@ def warp_backward(
     grad_image = torch.zeros(image.shape, dtype=acc, device=image.device) if image_grad else None
     grad_disp = new_output(disp.shape, disp, dtype=acc) if disp_grad else None
     _warp_backward_kernel[_launch_grid(image)](
-        image, disp, grad_out, grad_image, grad_disp, image.shape[1], *image.shape[2:],
-        BORDER=border, IMAGE_GRAD=image_grad, DISP_GRAD=disp_grad, ACC=triton_dtype(acc), BLOCK=BLOCK,
+        image,
+        disp,
+        grad_out,
+        grad_image,
+        grad_disp,
+        image.shape[1],
+        *image.shape[2:],
+        BORDER=border,
+        IMAGE_GRAD=image_grad,
+        DISP_GRAD=disp_grad,
+        ACC=triton_dtype(acc),
+        BLOCK=BLOCK,
     )
     return (
         None if grad_image is None else grad_image.to(image.dtype),

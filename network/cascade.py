@@ -14,7 +14,7 @@ voxels, pull-back from the fixed grid, channel c along array axis c.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,8 +42,13 @@ def _resample_like(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Te
     return warped.round_().clamp_(info.min, info.max).to(moving.dtype)
 
 
-def cascade(network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fixed: torch.Tensor,
-            moving: torch.Tensor, passes: int, steps: int = INTEGRATION_STEPS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def cascade(
+    network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    passes: int,
+    steps: int = INTEGRATION_STEPS,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``network`` ``passes`` times, each on the moving image warped by the passes before it.
 
     Args:

@@ -49,7 +49,7 @@ class NetworkConfig:
         return {"channels": list(self.channels), "steps": self.steps}
 
     @classmethod
-    def from_dict(cls, config: dict) -> "NetworkConfig":
+    def from_dict(cls, config: dict) -> NetworkConfig:
         unknown = set(config) - set(asdict(cls()))
         if unknown:
             raise ValueError(f"unknown network config keys: {sorted(unknown)}")

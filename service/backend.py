@@ -29,11 +29,13 @@ def input_tensor(request, name: str, device: torch.device) -> torch.Tensor | Non
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    value = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+    value = (
+        torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+    )
     return value.to(device)
 
 
-def output_tensor(name: str, value) -> "pb_utils.Tensor":
+def output_tensor(name: str, value) -> pb_utils.Tensor:
     """A response tensor from a torch tensor (GPU tensors leave by DLPack) or a numpy array."""
     if isinstance(value, torch.Tensor):
         if value.is_cuda:
@@ -42,7 +44,7 @@ def output_tensor(name: str, value) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, value)
 
 
-def error_response(message: str, code: str = "INTERNAL") -> "pb_utils.InferenceResponse":
+def error_response(message: str, code: str = "INTERNAL") -> pb_utils.InferenceResponse:
     """An error answer. ``code``: ``INVALID_ARG`` (the caller's mistake; gRPC INVALID_ARGUMENT),
     ``UNAVAILABLE`` (try again: the server is starting or stopping) or ``INTERNAL``."""
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
@@ -65,16 +67,22 @@ class Metrics:
         self.model = model
         kind = pb_utils.MetricFamily
         self.stage_family = kind("lumireg_stage_seconds", "Seconds per batch in each stage of lumireg", kind.HISTOGRAM)
-        self.ndv_family = kind("lumireg_ndv_percent", "Non-diffeomorphic volume (%) of each registered pair", kind.HISTOGRAM)
+        self.ndv_family = kind(
+            "lumireg_ndv_percent", "Non-diffeomorphic volume (%) of each registered pair", kind.HISTOGRAM
+        )
         self.pairs_family = kind("lumireg_pairs_total", "Image pairs registered by lumireg", kind.COUNTER)
-        self.errors_family = kind("lumireg_request_errors_total", "lumireg requests answered with an error", kind.COUNTER)
+        self.errors_family = kind(
+            "lumireg_request_errors_total", "lumireg requests answered with an error", kind.COUNTER
+        )
         self._stages, self._errors = {}, {}
         self.ndv = self.ndv_family.Metric(labels={"model": model}, buckets=NDV_BUCKETS)
         self.pairs = self.pairs_family.Metric(labels={"model": model})
 
     def stage(self, name: str, seconds: float) -> None:
         if name not in self._stages:
-            self._stages[name] = self.stage_family.Metric(labels={"model": self.model, "stage": name}, buckets=STAGE_BUCKETS)
+            self._stages[name] = self.stage_family.Metric(
+                labels={"model": self.model, "stage": name}, buckets=STAGE_BUCKETS
+            )
         self._stages[name].observe(seconds)
 
     def error(self, reason: str) -> None:

@@ -38,7 +38,9 @@ class TritonPythonModel:
         for request in requests:
             try:
                 velocity = self.network(*(input_tensor(request, name, self.device) for name in NETWORK_INPUT_NAMES))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor(NETWORK_OUTPUT_NAME, velocity)]))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[output_tensor(NETWORK_OUTPUT_NAME, velocity)])
+                )
             except Exception as exc:  # an error answers this request; the model stays up for the next
                 responses.append(error_response(f"lumireg_network: {exc}"))
         return responses

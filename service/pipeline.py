@@ -47,8 +47,14 @@ class StageTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
-def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
-                   model: str, passes: int = 1) -> list[dict]:
+def quality_report(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    warped: torch.Tensor,
+    displacement: torch.Tensor,
+    model: str,
+    passes: int = 1,
+) -> list[dict]:
     """One QC dict per pair.
 
     Keys: ``ndv_percent`` (non-diffeomorphic volume in % of the moving image's
@@ -65,10 +71,13 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
         model: the name of the weights, reported as is.
         passes: the network passes that made ``displacement``, reported as is.
     """
+
     def folding() -> list[tuple[float, float]]:  # on the field's device; the metrics take [D, H, W, 3]
         fields = [field.permute(1, 2, 3, 0) for field in displacement]
-        return [(ndv_percent(field, mask), float(jacobian_determinant(field).min()))
-                for field, mask in zip(fields, moving[:, 0])]
+        return [
+            (ndv_percent(field, mask), float(jacobian_determinant(field).min()))
+            for field, mask in zip(fields, moving[:, 0])
+        ]
 
     # the geometry beside the NCCs: the two overlap on a CPU with more than one core
     with ThreadPoolExecutor(1) as pool:
@@ -80,14 +89,30 @@ def quality_report(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tens
         geometry = geometry.result()
     reports = []
     for (ndv, jacobian_min), before, after in zip(geometry, ncc_before, ncc_after):
-        reports.append({"ndv_percent": ndv, "ncc_before": before, "ncc_after": after, "jacobian_min": jacobian_min,
-                        "passes": passes, "model": model, "version": __version__})
+        reports.append(
+            {
+                "ndv_percent": ndv,
+                "ncc_before": before,
+                "ncc_after": after,
+                "jacobian_min": jacobian_min,
+                "passes": passes,
+                "model": model,
+                "version": __version__,
+            }
+        )
     return reports
 
 
-def transform(network, fixed: torch.Tensor, moving: torch.Tensor, passes: int = 1, *,
-              steps: int = INTEGRATION_STEPS, timer: StageTimer | None = None) -> tuple[torch.Tensor, list]:
-    """The network's transform of a batch: ``passes`` network passes, composed (:func:`lumireg.network.cascade.cascade`).
+def transform(
+    network,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    passes: int = 1,
+    *,
+    steps: int = INTEGRATION_STEPS,
+    timer: StageTimer | None = None,
+) -> tuple[torch.Tensor, list]:
+    """The network's transform of a batch: ``passes`` passes, composed (:func:`lumireg.network.cascade.cascade`).
 
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 ``(B, 1, D, H, W)`` tensors (the BLS call
@@ -115,9 +140,18 @@ def transform(network, fixed: torch.Tensor, moving: torch.Tensor, passes: int = 
     return displacement, velocities
 
 
-def postprocess(displacement: torch.Tensor, velocities: list, fixed: torch.Tensor, moving: torch.Tensor, wanted, *,
-                moving_labels: torch.Tensor | None = None, steps: int = INTEGRATION_STEPS, model: str = "lumireg",
-                timer: StageTimer | None = None) -> dict:
+def postprocess(
+    displacement: torch.Tensor,
+    velocities: list,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    wanted,
+    *,
+    moving_labels: torch.Tensor | None = None,
+    steps: int = INTEGRATION_STEPS,
+    model: str = "lumireg",
+    timer: StageTimer | None = None,
+) -> dict:
     """The requested outputs of the ``lumireg`` model for a batch of pairs.
 
     Args:
@@ -159,8 +193,10 @@ def postprocess(displacement: torch.Tensor, velocities: list, fixed: torch.Tenso
         out["displacement_fp16"] = displacement.half()
     if "qc" in wanted:
         with timer.stage("qc", device):
-            out["qc"] = [json.dumps(report) for report in quality_report(fixed, moving, warped, displacement, model,
-                                                                         len(velocities))]
+            out["qc"] = [
+                json.dumps(report)
+                for report in quality_report(fixed, moving, warped, displacement, model, len(velocities))
+            ]
     return out
 
 
@@ -194,9 +230,19 @@ def network_runner(onnx_path: str | Path, device: torch.device):
     return run_onnxruntime
 
 
-def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, *, passes: int = DEFAULT_PASSES,
-                        moving_labels: np.ndarray | None = None, device: str = "cpu", steps: int = INTEGRATION_STEPS,
-                        model: str = "lumireg", timer: StageTimer | None = None) -> dict:
+def register_in_process(
+    network,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    wanted,
+    *,
+    passes: int = DEFAULT_PASSES,
+    moving_labels: np.ndarray | None = None,
+    device: str = "cpu",
+    steps: int = INTEGRATION_STEPS,
+    model: str = "lumireg",
+    timer: StageTimer | None = None,
+) -> dict:
     """The service's computation without the service: numpy in, :func:`postprocess`'s dict out.
 
     Args:
@@ -208,8 +254,20 @@ def register_in_process(network, fixed: np.ndarray, moving: np.ndarray, wanted, 
     """
     timer = timer or StageTimer()
     target = torch.device(device)
-    as_tensor = (lambda a: None if a is None else torch.as_tensor(a, device=target))
+
+    def as_tensor(array):
+        return None if array is None else torch.as_tensor(array, device=target)
+
     fixed, moving = as_tensor(fixed), as_tensor(moving)
     displacement, velocities = transform(network, fixed, moving, passes, steps=steps, timer=timer)
-    return postprocess(displacement, velocities, fixed, moving, wanted, moving_labels=as_tensor(moving_labels),
-                       steps=steps, model=model, timer=timer)
+    return postprocess(
+        displacement,
+        velocities,
+        fixed,
+        moving,
+        wanted,
+        moving_labels=as_tensor(moving_labels),
+        steps=steps,
+        model=model,
+        timer=timer,
+    )

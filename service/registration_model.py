@@ -37,8 +37,9 @@ import torch
 import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
-from lumireg.contract import (ENTRY_MODEL, EXPORT_RECORD, INTEGRATION_STEPS, NETWORK_INPUT_NAMES as IMAGES,
-                              NETWORK_OUTPUT_NAME as VELOCITY, OUTPUT_NAMES, request_parameters)
+from lumireg.contract import ENTRY_MODEL, EXPORT_RECORD, INTEGRATION_STEPS, OUTPUT_NAMES, request_parameters
+from lumireg.contract import NETWORK_INPUT_NAMES as IMAGES
+from lumireg.contract import NETWORK_OUTPUT_NAME as VELOCITY
 from lumireg.service.backend import Metrics, error_response, input_tensor, instance_device, output_tensor
 from lumireg.service.pipeline import StageTimer, postprocess, transform
 
@@ -77,8 +78,10 @@ class TritonPythonModel:
         if wanted == set(OUTPUT_NAMES) and not has_labels:
             wanted.discard("warped_labels")  # everything by default, less what cannot be made
         if "warped_labels" in wanted and not has_labels:
-            raise BadRequest("output 'warped_labels' was requested but the input 'moving_labels' was not sent; "
-                             "send moving_labels (INT32 [1, 160, 224, 192]) or do not request warped_labels")
+            raise BadRequest(
+                "output 'warped_labels' was requested but the input 'moving_labels' was not sent; "
+                "send moving_labels (INT32 [1, 160, 224, 192]) or do not request warped_labels"
+            )
         return wanted
 
     @staticmethod
@@ -100,15 +103,19 @@ class TritonPythonModel:
         inputs = [output_tensor(name, image) for name, image in zip(IMAGES, (fixed, moving))]
         extra = {}
         if self.device.type == "cuda":
-            extra["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)
-        response = pb_utils.InferenceRequest(model_name=self.network_model, inputs=inputs,
-                                             requested_output_names=[VELOCITY], **extra).exec()
+            extra["preferred_memory"] = pb_utils.PreferredMemory(
+                pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0
+            )
+        response = pb_utils.InferenceRequest(
+            model_name=self.network_model, inputs=inputs, requested_output_names=[VELOCITY], **extra
+        ).exec()
         if response.has_error():
             error = response.error()
             # the python backend (2.51) reports a call to an unloaded model as INTERNAL: ask for the model's state
             if error.code() == pb_utils.TritonError.UNAVAILABLE or not self._network_ready():
-                raise NetworkUnavailable(f"{self.network_model} is unavailable (the server is starting or "
-                                         f"stopping): {error.message()}")
+                raise NetworkUnavailable(
+                    f"{self.network_model} is unavailable (the server is starting or stopping): {error.message()}"
+                )
             raise RuntimeError(f"{self.network_model}: {error.message()}")
         velocity = pb_utils.get_output_tensor_by_name(response, VELOCITY)
         if velocity.is_cpu():
@@ -123,8 +130,9 @@ class TritonPythonModel:
             try:
                 images = [input_tensor(request, name, self.device) for name in IMAGES]
                 labels = input_tensor(request, "moving_labels", self.device)
-                accepted.append((index, *images, labels, self._wanted(request, labels is not None),
-                                 self._parameters(request)))
+                accepted.append(
+                    (index, *images, labels, self._wanted(request, labels is not None), self._parameters(request))
+                )
             except Exception as exc:  # this request only; the rest of the batch goes on
                 responses[index] = self._error(exc, "")
         if accepted:
@@ -136,7 +144,7 @@ class TritonPythonModel:
         self.metrics.stage("total", time.perf_counter() - start)
         return responses
 
-    def _error(self, exc: Exception, prefix: str) -> "pb_utils.InferenceResponse":
+    def _error(self, exc: Exception, prefix: str) -> pb_utils.InferenceResponse:
         """An error response with the code of ``exc`` (a :class:`RequestError`'s, else INTERNAL), counted."""
         code, reason = (exc.code, exc.reason) if isinstance(exc, RequestError) else ("INTERNAL", "internal")
         self.metrics.error(reason)
@@ -152,14 +160,23 @@ class TritonPythonModel:
             for index, fixed, moving, labels, wanted, _ in group:
                 rows = slice(row, row + fixed.shape[0])
                 row = rows.stop
-                out = postprocess(displacement[rows], [v[rows] for v in velocities], fixed, moving, wanted,
-                                  moving_labels=labels, steps=self.steps, model=self.weights, timer=timer)
+                out = postprocess(
+                    displacement[rows],
+                    [v[rows] for v in velocities],
+                    fixed,
+                    moving,
+                    wanted,
+                    moving_labels=labels,
+                    steps=self.steps,
+                    model=self.weights,
+                    timer=timer,
+                )
                 responses[index] = self._response(out)
                 self.metrics.pairs.increment(fixed.shape[0])
         for stage, seconds in timer.seconds.items():
             self.metrics.stage(stage, seconds)
 
-    def _response(self, out: dict) -> "pb_utils.InferenceResponse":
+    def _response(self, out: dict) -> pb_utils.InferenceResponse:
         """The response holding :func:`postprocess`'s outputs; each QC report's NDV goes into the metrics."""
         tensors = []
         for name, value in out.items():

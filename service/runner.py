@@ -38,8 +38,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         ensure_exported(args.repository)
         server.start(timeout=args.timeout)
-        print(f"lumireg is serving model 'lumireg' on grpc://{server.grpc_url} "
-              f"(HTTP {server.http_url}, metrics {server.metrics_url}); Ctrl-C stops it", flush=True)
+        print(
+            f"lumireg is serving model 'lumireg' on grpc://{server.grpc_url} "
+            f"(HTTP {server.http_url}, metrics {server.metrics_url}); Ctrl-C stops it",
+            flush=True,
+        )
         code = server.wait()
         print(f"lumireg serve: tritonserver exited with code {code}", file=sys.stderr)
         return EXIT_FAILURE
@@ -57,15 +60,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    serve = sub.add_parser("serve", help="start the Triton Inference Server on the bundled model",
-                           description="Serve lumireg on the embedded NVIDIA Triton Inference Server (CPU or GPU).")
-    serve.add_argument("--repository", default=str(repository.SOURCE_REPOSITORY),
-                       help="model repository (default: the project's model_repository/, exported on first use)")
+    serve = sub.add_parser(
+        "serve",
+        help="start the Triton Inference Server on the bundled model",
+        description="Serve lumireg on the embedded NVIDIA Triton Inference Server (CPU or GPU).",
+    )
+    serve.add_argument(
+        "--repository",
+        default=str(repository.SOURCE_REPOSITORY),
+        help="model repository (default: the project's model_repository/, exported on first use)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--grpc-port", type=int, default=Ports.grpc, help=f"gRPC port (default: {Ports.grpc})")
     serve.add_argument("--http-port", type=int, default=Ports.http, help=f"HTTP port (default: {Ports.http})")
-    serve.add_argument("--metrics-port", type=int, default=Ports.metrics,
-                       help=f"Prometheus metrics port (default: {Ports.metrics})")
+    serve.add_argument(
+        "--metrics-port", type=int, default=Ports.metrics, help=f"Prometheus metrics port (default: {Ports.metrics})"
+    )
     serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (default: 0)")
     serve.set_defaults(func=run)

@@ -112,8 +112,14 @@ class EmbeddedServer:
         verbose: tritonserver's ``--log-verbose`` level.
     """
 
-    def __init__(self, repository: str | Path, host: str = "127.0.0.1", ports: Ports = Ports(),
-                 log: str | Path | None = None, verbose: int = 0):
+    def __init__(
+        self,
+        repository: str | Path,
+        host: str = "127.0.0.1",
+        ports: Ports = Ports(),
+        log: str | Path | None = None,
+        verbose: int = 0,
+    ):
         self.repository = Path(repository).resolve()
         self.host, self.ports, self.log, self.verbose = host, ports, log, verbose
         self.process: subprocess.Popen | None = None
@@ -135,27 +141,39 @@ class EmbeddedServer:
             str(home / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_directory(home)}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
-            f"--http-address={self.host}", f"--http-port={self.ports.http}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports.metrics}",
             "--allow-gpu-metrics=false",  # the wheel's build has no DCGM
-            "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=10",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=10",
             f"--log-verbose={self.verbose}",
         ]
 
-    def start(self, timeout: float = 180.0) -> "EmbeddedServer":
+    def start(self, timeout: float = 180.0) -> EmbeddedServer:
         """Start the server and wait until every model is ready; :class:`ServerError` if it cannot."""
         if not (self.repository / "lumireg").is_dir():
             raise ServerError(f"{self.repository} is not a lumireg model repository (run `lumireg export`)")
         for name, port in (("gRPC", self.ports.grpc), ("HTTP", self.ports.http), ("metrics", self.ports.metrics)):
             if port_in_use(self.host, port):
-                raise ServerError(f"{name} port {port} on {self.host} is already in use (another server running?); "
-                                  f"pick another with --{name.lower()}-port")
+                raise ServerError(
+                    f"{name} port {port} on {self.host} is already in use (another server running?); "
+                    f"pick another with --{name.lower()}-port"
+                )
         home = tritonserver_home()
         output = open(self.log, "ab") if self.log else None
         try:
-            self.process = subprocess.Popen(self.command(home), env=server_environment(home), stdout=output,
-                                            stderr=subprocess.STDOUT if output else None, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(home),
+                env=server_environment(home),
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise ServerError(f"cannot run {home / 'bin' / 'tritonserver'}: {exc}") from exc
         finally:
@@ -182,8 +200,11 @@ class EmbeddedServer:
             return " (its log is above)"
         lines = Path(self.log).read_text(errors="replace").splitlines()
         # Triton's error lines start with E<date>; the CUDA helper's complaint on CPU-only hosts is noise
-        errors = [line for line in lines if (line.startswith("E") and "CudaDriverHelper" not in line)
-                  or line.startswith("error:")]
+        errors = [
+            line
+            for line in lines
+            if (line.startswith("E") and "CudaDriverHelper" not in line) or line.startswith("error:")
+        ]
         return f"; its errors ({self.log}):\n" + "\n".join((errors or lines)[-25:])
 
     def _health(self, kind: str) -> bool:
@@ -219,7 +240,7 @@ class EmbeddedServer:
                 self.process.wait()
         self.process = None
 
-    def __enter__(self) -> "EmbeddedServer":
+    def __enter__(self) -> EmbeddedServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:

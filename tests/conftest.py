@@ -52,6 +52,7 @@ def rng(request) -> torch.Generator:
 
 # --- the real embedded Triton server, started once per session for the tests that ask for it ---
 
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """``tritonserver`` from nvidia-pytriton on free ports, on the repository that set-up exported."""
@@ -75,9 +76,11 @@ def pair():
     from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
 
     sample = synthetic_pair(evaluation_seeds(3)[2])
-    return {"fixed": intensities_to_uint8(sample["fixed"].numpy())[None],
-            "moving": intensities_to_uint8(sample["moving"].numpy())[None],
-            "moving_labels": sample["moving_labels"].numpy().astype(np.int32)[None]}
+    return {
+        "fixed": intensities_to_uint8(sample["fixed"].numpy())[None],
+        "moving": intensities_to_uint8(sample["moving"].numpy())[None],
+        "moving_labels": sample["moving_labels"].numpy().astype(np.int32)[None],
+    }
 
 
 def _in_process(pair, passes: int) -> dict:
@@ -89,8 +92,9 @@ def _in_process(pair, passes: int) -> dict:
     model = load_model()
     fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
     with torch.no_grad():
-        forward, velocities = cascade(lambda f, m: model.velocity(f.float() / 255, m.float() / 255), fixed, moving,
-                                      passes)
+        forward, velocities = cascade(
+            lambda f, m: model.velocity(f.float() / 255, m.float() / 255), fixed, moving, passes
+        )
         return {"displacement": forward.numpy(), "inverse_displacement": cascade_inverse(velocities).numpy()}
 
 

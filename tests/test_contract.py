@@ -13,13 +13,16 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def exit_code_rows() -> list[str]:
     """The README's exit-code table rows, written from :data:`lumireg.contract.EXIT_CODES`."""
-    names = {value: name for name, value in vars(contract).items() if name.startswith("EXIT_") and isinstance(value, int)}
+    names = {
+        value: name for name, value in vars(contract).items() if name.startswith("EXIT_") and isinstance(value, int)
+    }
     return [f"| {code} | `{names[code]}` | {meaning} |" for code, meaning in contract.EXIT_CODES.items()]
 
 
 def test_every_exit_code_has_one_name_and_a_meaning():
-    constants = {name: value for name, value in vars(contract).items()
-                 if name.startswith("EXIT_") and isinstance(value, int)}
+    constants = {
+        name: value for name, value in vars(contract).items() if name.startswith("EXIT_") and isinstance(value, int)
+    }
     assert sorted(constants.values()) == sorted(contract.EXIT_CODES)  # no code without a meaning, none twice
     assert all(contract.EXIT_CODES.values())
 
@@ -54,14 +57,23 @@ def test_uint8_conversion_inverts_the_network_scaling():
     assert np.array_equal(contract.intensities_to_uint8(every.astype(np.float32) / 255), every)
 
 
-@pytest.mark.parametrize("fixed,moving,expected", [
-    ("imagesVal/LUMIRMRI_3455_0000.nii.gz", "imagesVal/LUMIRMRI_3454_0000.nii.gz",
-     ("3455_0000<--3454_0000", "disp_3455_3454")),
-    ("LUMIRMRI_3455_0000.nii.gz", "LUMIRMRI_3455_0001.nii.gz", ("3455_0000<--3455_0001", "disp_3455_3455")),
-    ("LUMIRMRI_3455_0001.nii.gz", "LUMIRMRI_3454_0000.nii.gz",
-     ("3455_0001<--3454_0000", "disp_3455_0001_3454_0000")),
-    ("fixed.nii.gz", "LUMIRMRI_3454_0000.nii.gz", None),
-])
+@pytest.mark.parametrize(
+    "fixed,moving,expected",
+    [
+        (
+            "imagesVal/LUMIRMRI_3455_0000.nii.gz",
+            "imagesVal/LUMIRMRI_3454_0000.nii.gz",
+            ("3455_0000<--3454_0000", "disp_3455_3454"),
+        ),
+        ("LUMIRMRI_3455_0000.nii.gz", "LUMIRMRI_3455_0001.nii.gz", ("3455_0000<--3455_0001", "disp_3455_3455")),
+        (
+            "LUMIRMRI_3455_0001.nii.gz",
+            "LUMIRMRI_3454_0000.nii.gz",
+            ("3455_0001<--3454_0000", "disp_3455_0001_3454_0000"),
+        ),
+        ("fixed.nii.gz", "LUMIRMRI_3454_0000.nii.gz", None),
+    ],
+)
 def test_lumir_names_follow_the_official_evaluator(fixed, moving, expected):
     assert contract.lumir_case_names(fixed, moving) == expected
 

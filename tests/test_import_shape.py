@@ -19,8 +19,20 @@ NOT_PACKAGE = {"tests", "build", "dist", "runs", "deploy"}  # folders of the rep
 
 # What each part may import (besides itself, the standard library and third-party packages).
 # DESIGN.md's house table, plus the edges the code needs, each said why.
-EVERYTHING = {"__init__", "contract", "kernels", "network", "train", "evaluate", "export", "service",
-              "model_repository", "client", "benchmarks", "cli"}
+EVERYTHING = {
+    "__init__",
+    "contract",
+    "kernels",
+    "network",
+    "train",
+    "evaluate",
+    "export",
+    "service",
+    "model_repository",
+    "client",
+    "benchmarks",
+    "cli",
+}
 ALLOWED = {
     "__init__": set(),  # the package: __version__, and nothing imported
     "contract": set(),  # the shared facts: standard library only (no torch, no numpy at import)
@@ -91,8 +103,13 @@ def imports(path: Path, root: Path = ROOT):
             names = [alias.name for alias in node.names]
             for part in _part(module, names):
                 yield node.lineno, f"from {module} import {', '.join(names)}", part
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             for part in _part(node.args[0].value):
                 yield node.lineno, f"import_module({node.args[0].value!r})", part
 
@@ -103,8 +120,10 @@ def forbidden_edges(files: dict[Path, str], root: Path = ROOT) -> list[str]:
     for path, source in files.items():
         for line, statement, target in imports(path, root):
             if target != source and target not in ALLOWED[source]:
-                errors.append(f"{path.relative_to(root)}:{line}: {source} -> {target} ({statement}); "
-                              f"{source} may import only {sorted(ALLOWED[source])}")
+                errors.append(
+                    f"{path.relative_to(root)}:{line}: {source} -> {target} ({statement}); "
+                    f"{source} may import only {sorted(ALLOWED[source])}"
+                )
     return errors
 
 
@@ -166,22 +185,27 @@ def test_serve_never_reaches_training_code(tmp_path):
     reached = import_closure("lumireg.service.runner")
     assert "lumireg.export.onnx" in reached  # serve exports on first use: the parity check is on the path
     assert not {m for m in reached if m.startswith("lumireg.train")}, sorted(reached)
-    code = ("import importlib, sys\n"
-            f"for name in {sorted(reached)!r}:\n"
-            "    importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m.startswith('lumireg.train')))")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {sorted(reached)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lumireg.train')))"
+    )
     result = _python(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("statement,edge", [
-    ("from lumireg.service import server", "export -> service"),
-    ("import lumireg.train.synthetic", "export -> train"),
-    ("from ..benchmarks import machine", "export -> benchmarks"),
-    ("from lumireg import client", "export -> client"),
-    ("importlib.import_module('lumireg.service.runner')", "export -> service"),
-])
+@pytest.mark.parametrize(
+    "statement,edge",
+    [
+        ("from lumireg.service import server", "export -> service"),
+        ("import lumireg.train.synthetic", "export -> train"),
+        ("from ..benchmarks import machine", "export -> benchmarks"),
+        ("from lumireg import client", "export -> client"),
+        ("importlib.import_module('lumireg.service.runner')", "export -> service"),
+    ],
+)
 def test_a_forbidden_edge_is_named_with_file_and_line(tmp_path, statement, edge):
     (tmp_path / "export").mkdir()
     source = tmp_path / "export" / "extra.py"

@@ -47,7 +47,8 @@ def test_cli_lists_every_subcommand(tmp_path):
 
 
 def test_cli_bad_option_fails_clearly(tmp_path):
-    result = subprocess.run([LUMIREG, "bench", "service", "--batch-sizes", "0"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [LUMIREG, "bench", "service", "--batch-sizes", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert "--batch-sizes needs positive integers" in result.stderr

@@ -48,8 +48,7 @@ from lumireg.contract import CANVAS
 CROP_START = (18, 6, -17)
 TISSUES = ("csf", "gm", "wm")
 OCTANTS = tuple(
-    f"{lr}_{ap}_{si}"
-    for si, ap, lr in product(("inferior", "superior"), ("posterior", "anterior"), ("left", "right"))
+    f"{lr}_{ap}_{si}" for si, ap, lr in product(("inferior", "superior"), ("posterior", "anterior"), ("left", "right"))
 )
 LABELS = {1 + 8 * t + o: f"{tissue}_{octant}" for t, tissue in enumerate(TISSUES) for o, octant in enumerate(OCTANTS)}
 MASK_THRESHOLD = 0.5
@@ -111,9 +110,7 @@ def lumir_canvas() -> Canvas:
         A :class:`Canvas`; see the module docstring for the recipe and the label table.
     """
     t1_img = nib.load(str(template_path("t1")))
-    t1, gm, wm = (
-        np.asarray(nib.load(str(template_path(n))).dataobj, dtype=np.float32) for n in ("t1", "gm", "wm")
-    )
+    t1, gm, wm = (np.asarray(nib.load(str(template_path(n))).dataobj, dtype=np.float32) for n in ("t1", "gm", "wm"))
     gm, wm = gm / 255, wm / 255
     mask = _to_canvas(brain_mask(gm, wm))
     t1, gm, wm = _to_canvas(t1), _to_canvas(gm), _to_canvas(wm)

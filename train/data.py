@@ -13,7 +13,7 @@ LUMIR dataset JSON; ``lumireg.train.lumir``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,9 +32,19 @@ from lumireg.train.synthetic import (
 )
 
 __all__ = [
-    "EVAL_SEED_START", "LABELS", "Canvas", "LumirPairs", "PRESETS", "SyntheticConfig",
-    "SyntheticPairs", "evaluation_seeds", "lumir_canvas", "random_crop", "random_displacement",
-    "synthetic_pair", "training_seeds",
+    "EVAL_SEED_START",
+    "LABELS",
+    "Canvas",
+    "LumirPairs",
+    "PRESETS",
+    "SyntheticConfig",
+    "SyntheticPairs",
+    "evaluation_seeds",
+    "lumir_canvas",
+    "random_crop",
+    "random_displacement",
+    "synthetic_pair",
+    "training_seeds",
 ]
 
 

@@ -173,8 +173,13 @@ def _plot_loss(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None, device: str = "auto",
-          command: list[str] | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    resume: str | Path | None = None,
+    device: str = "auto",
+    command: list[str] | None = None,
+) -> Path:
     """Train; returns ``out/model.pt``, the trained weights (a checkpoint without optimiser state).
 
     Writes ``out/checkpoint.pt`` (model, optimiser, step, log) every
@@ -209,19 +214,34 @@ def train(config: TrainConfig, out: str | Path, resume: str | Path | None = None
         previous = state.get("training", {})
         first_step, log = state["step"], list(previous.get("log", []))
         # the commands that made this run so far, each with the step it started from
-        earlier = [*previous.get("earlier_commands", []), {"command": previous.get("command"),
-                                                          "from_step": previous.get("from_step", 0)}]
+        earlier = [
+            *previous.get("earlier_commands", []),
+            {"command": previous.get("command"), "from_step": previous.get("from_step", 0)},
+        ]
         if first_step >= config.steps:
             raise ValueError(f"{resume} is at step {first_step}; ask for more --steps than that to go on")
     objective = RegistrationObjective(model, config)
     if world > 1:
-        objective = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
 
     samples = _TrainingSamples(_data_source(config), config, rank, world, first_step)
-    loader = DataLoader(samples, batch_size=config.batch_size, num_workers=config.workers,
-                        worker_init_fn=_single_thread_worker, persistent_workers=config.workers > 0)
-    meta = {"command": command or sys.argv, "from_step": first_step, "earlier_commands": earlier,
-            "config": asdict(config), "world_size": world, "device": str(dev)}
+    loader = DataLoader(
+        samples,
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        worker_init_fn=_single_thread_worker,
+        persistent_workers=config.workers > 0,
+    )
+    meta = {
+        "command": command or sys.argv,
+        "from_step": first_step,
+        "earlier_commands": earlier,
+        "config": asdict(config),
+        "world_size": world,
+        "device": str(dev),
+    }
 
     def checkpoint(step: int) -> Path:
         training = {**meta, "log": log}

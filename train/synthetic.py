@@ -11,9 +11,9 @@ new contrast (inverted, or a random intensity per label). Seeds from
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,11 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(low, high)}")
         if min(self.inversion_prob, self.synthetic_prob) < 0 or self.inversion_prob + self.synthetic_prob > 1:
             raise ValueError("inversion_prob and synthetic_prob must be >= 0 and sum to at most 1")
-        if min(self.spacing_mm, self.coarse_spacing_mm, self.bias_spacing_mm) <= 0 or self.integration_factor < 1 or self.steps < 0:
+        if (
+            min(self.spacing_mm, self.coarse_spacing_mm, self.bias_spacing_mm) <= 0
+            or self.integration_factor < 1
+            or self.steps < 0
+        ):
             raise ValueError("spacings must be > 0, integration_factor >= 1 and steps >= 0")
 
 
@@ -90,8 +94,12 @@ PRESETS = {
     "lumir": SyntheticConfig(),
     # broader: a coarse 48 mm component up to 5 mm RMS on top of the 16 mm one, more contrasts
     "broad": SyntheticConfig(
-        velocity_rms_mm=(1.0, 3.5), coarse_rms_mm=(1.0, 5.0), gamma_log_std=0.3, bias_log_std=0.2,
-        inversion_prob=0.1, synthetic_prob=0.25,
+        velocity_rms_mm=(1.0, 3.5),
+        coarse_rms_mm=(1.0, 5.0),
+        gamma_log_std=0.3,
+        bias_log_std=0.2,
+        inversion_prob=0.1,
+        synthetic_prob=0.25,
     ),
 }
 

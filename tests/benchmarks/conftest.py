@@ -42,22 +42,37 @@ def bench(tmp_path_factory):
 @pytest.fixture(scope="session")
 def service_run(bench, server) -> BenchRun:
     """The service sweep against the test server: batch 1, 2; concurrency 1, 2; one request per run."""
-    return bench("service", "--url", server.grpc_url, "--metrics-url", server.metrics_url, "--batch-sizes", "1,2",
-                 "--concurrency", "1,2", "--requests", "1", "--warmup", "0")
+    return bench(
+        "service",
+        "--url",
+        server.grpc_url,
+        "--metrics-url",
+        server.metrics_url,
+        "--batch-sizes",
+        "1,2",
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "1",
+        "--warmup",
+        "0",
+    )
 
 
 @pytest.fixture(scope="session")
 def load_run(bench, server) -> BenchRun:
     """Three seconds at one request a second against the test server."""
-    return bench("load", "--url", server.grpc_url, "--metrics-url", server.metrics_url, "--rate", "1",
-                 "--duration", "3")
+    return bench(
+        "load", "--url", server.grpc_url, "--metrics-url", server.metrics_url, "--rate", "1", "--duration", "3"
+    )
 
 
 @pytest.fixture(scope="session")
 def kernels_run(bench) -> BenchRun:
     """Every op on a 6 x 7 x 8 volume at batch 1 and 2, one timed call each, on the CPU."""
-    return bench("kernels", "--device", "cpu", "--shape", "6,7,8", "--batch-sizes", "1,2", "--warmup", "0",
-                 "--repeats", "1")
+    return bench(
+        "kernels", "--device", "cpu", "--shape", "6,7,8", "--batch-sizes", "1,2", "--warmup", "0", "--repeats", "1"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,12 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     sets = json.loads((folder / "accuracy.json").read_text())["sets"]
     assert list(sets) == ["synthetic", "independent"]  # both by default
     assert (sets["synthetic"]["labels"], sets["independent"]["labels"]) == (24, 54)
-    assert [sorted(entries["methods"]) for entries in sets.values()] == [["lumireg", "lumireg-cascade", "none", "syn"]] * 2
+    assert [sorted(entries["methods"]) for entries in sets.values()] == [
+        ["lumireg", "lumireg-cascade", "none", "syn"]
+    ] * 2
     assert sets["independent"]["methods"]["none"]["pairs"] == 2
     table = sets["synthetic"]["methods"]
-    for method, entry in table.items():
+    for entry in table.values():
         assert entry["pairs"] == 2 and entry["shape"] == [48, 64, 48]
         assert 0.0 < entry["summary"]["dice"]["mean"] <= 1.0
     # seconds per pair: the summary is the rows' statistics, and the rows are real elapsed times, each pair
@@ -67,8 +69,10 @@ def test_syn_displacement_is_read_back_in_lumireg_convention():
     assert abs(fixed - warped).mean() < 0.85 * abs(fixed - moving).mean()
 
 
-@pytest.mark.parametrize("option, value", [("--methods", "none,elastix"), ("--pairs", "0"), ("--shape", "48,64"),
-                                           ("--sets", "synthetic,octants")])
+@pytest.mark.parametrize(
+    "option, value",
+    [("--methods", "none,elastix"), ("--pairs", "0"), ("--shape", "48,64"), ("--sets", "synthetic,octants")],
+)
 def test_accuracy_benchmark_refuses_bad_options(tmp_path, capsys, option, value):
     args = build_parser().parse_args(["bench", "accuracy", option, value, "--out", str(tmp_path)])
     assert args.func(args) == EXIT_USAGE
@@ -79,11 +83,20 @@ def test_accuracy_benchmark_reads_method_files_written_before_the_common_header(
     folder = tmp_path / accuracy_run.folder.name
     folder.mkdir()
     old = json.loads((accuracy_run.folder / "accuracy-syn.json").read_text())
-    old = {"method": "syn", "device": old["device"], "lumireg_commit": "0123abc", "checkpoint": None,
-           "shape": old["shape"], "pairs": old["pairs"], "summary": old["summary"], "rows": old["rows"]}
+    old = {
+        "method": "syn",
+        "device": old["device"],
+        "lumireg_commit": "0123abc",
+        "checkpoint": None,
+        "shape": old["shape"],
+        "pairs": old["pairs"],
+        "summary": old["summary"],
+        "rows": old["rows"],
+    }
     (folder / "accuracy-syn.json").write_text(json.dumps(old))
-    args = build_parser().parse_args(["bench", "accuracy", "--methods", "none", "--pairs", "1", "--shape", "48,64,48",
-                                      "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["bench", "accuracy", "--methods", "none", "--pairs", "1", "--shape", "48,64,48", "--out", str(tmp_path)]
+    )
     assert args.func(args) == EXIT_OK
     table = json.loads((folder / "accuracy.json").read_text())["sets"]["synthetic"]["methods"]
     assert set(table) == {"none", "syn"} and table["syn"]["commit"] == "0123abc" and table["syn"]["date"] is None
@@ -100,8 +113,22 @@ def test_accuracy_benchmark_without_antspyx_says_so_for_syn(tmp_path, monkeypatc
 
 
 def test_accuracy_benchmark_scores_the_independent_set_alone(tmp_path, capsys):
-    args = build_parser().parse_args(["bench", "accuracy", "--sets", "independent", "--methods", "none", "--pairs", "1",
-                                      "--shape", "32,40,36", "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "accuracy",
+            "--sets",
+            "independent",
+            "--methods",
+            "none",
+            "--pairs",
+            "1",
+            "--shape",
+            "32,40,36",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert args.func(args) == EXIT_OK
     (folder,) = tmp_path.iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["accuracy-independent-none.json", "accuracy.json"]

@@ -40,12 +40,15 @@ def test_bench_alone_lists_the_benchmarks_and_exits_with_the_usage_code(capsys):
         assert name in err and line.split()[0] in err
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["bench", "kernels", "--pairs", "3"], "unrecognized arguments: --pairs 3"),  # an accuracy option
-    (["bench", "service", "--rate", "2"], "unrecognized arguments: --rate 2"),  # a load option
-    (["bench", "--kernels", "--accuracy"], "unrecognized arguments"),  # the old mode flags
-    (["bench", "latency"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["bench", "kernels", "--pairs", "3"], "unrecognized arguments: --pairs 3"),  # an accuracy option
+        (["bench", "service", "--rate", "2"], "unrecognized arguments: --rate 2"),  # a load option
+        (["bench", "--kernels", "--accuracy"], "unrecognized arguments"),  # the old mode flags
+        (["bench", "latency"], "invalid choice"),
+    ],
+)
 def test_options_of_another_benchmark_are_refused_with_the_usage_code(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -54,12 +57,14 @@ def test_options_of_another_benchmark_are_refused_with_the_usage_code(argv, says
 
 
 def test_listing_the_benchmarks_imports_none_of_them():
-    code = ("import sys, contextlib, io\n"
-            "from lumireg.cli import main\n"
-            "with contextlib.redirect_stderr(io.StringIO()):\n"
-            "    assert main(['bench']) == 2\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')\n"
-            "             or m.startswith('lumireg.benchmarks.')))")
+    code = (
+        "import sys, contextlib, io\n"
+        "from lumireg.cli import main\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"
+        "    assert main(['bench']) == 2\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')\n"
+        "             or m.startswith('lumireg.benchmarks.')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -12,8 +12,15 @@ from lumireg.service.server import free_ports
 
 
 def _args(server, tmp_path, **overrides) -> Namespace:
-    settings = dict(url=server.grpc_url, metrics_url=server.metrics_url, rate=1.0, duration=3.0,
-                    outputs="displacement_fp16", bad_request_every=None, out=str(tmp_path))
+    settings = dict(
+        url=server.grpc_url,
+        metrics_url=server.metrics_url,
+        rate=1.0,
+        duration=3.0,
+        outputs="displacement_fp16",
+        bad_request_every=None,
+        out=str(tmp_path),
+    )
     return Namespace(**{**settings, **overrides})
 
 
@@ -59,16 +66,31 @@ def test_load_run_counts_injected_bad_requests(server, tmp_path, capsys):
     assert "2 x StatusCode.INVALID_ARGUMENT" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (dict(rate=0.0), "--rate"),
-    (dict(duration=-1.0), "--duration"),
-    (dict(bad_request_every=0), "--bad-request-every"),
-    (dict(outputs="displacement_fp16,bogus"), "bogus"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (dict(rate=0.0), "--rate"),
+        (dict(duration=-1.0), "--duration"),
+        (dict(bad_request_every=0), "--bad-request-every"),
+        (dict(outputs="displacement_fp16,bogus"), "bogus"),
+    ],
+)
 def test_load_rejects_bad_options_before_starting_a_server(tmp_path, capsys, monkeypatch, overrides, says):
     monkeypatch.setattr(load, "target", lambda *a: pytest.fail("a server was started"))
-    args = Namespace(**{**dict(url=None, metrics_url=None, rate=1.0, duration=1.0, outputs="displacement_fp16",
-                               bad_request_every=None, out=str(tmp_path)), **overrides})
+    args = Namespace(
+        **{
+            **dict(
+                url=None,
+                metrics_url=None,
+                rate=1.0,
+                duration=1.0,
+                outputs="displacement_fp16",
+                bad_request_every=None,
+                out=str(tmp_path),
+            ),
+            **overrides,
+        }
+    )
     assert load.run(args) == EXIT_USAGE
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1

@@ -17,12 +17,12 @@ def test_every_result_file_carries_the_common_header(benchmark, request):
     assert files, f"{benchmark} wrote no JSON"
     for path in files:  # accuracy: accuracy.json and one accuracy-<method>.json per method
         report = json.loads(path.read_text())
-        assert list(report)[:len(HEADER_KEYS)] == list(HEADER_KEYS), path.name
+        assert list(report)[: len(HEADER_KEYS)] == list(HEADER_KEYS), path.name
         assert report["benchmark"] == benchmark
         assert report["device"] == "cpu " + cpu_model() or not report["device"].startswith("cpu")
         assert report["cpu"] == cpu_model()
         assert set(report["versions"]) == {"python", "cuda", *VERSIONED} and report["versions"]["lumireg"]
-        age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(report["date"])
+        age = datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(report["date"])
         assert datetime.timedelta(0) <= age < datetime.timedelta(hours=1)
         assert report["commit"] == header(benchmark)["commit"]
 

@@ -10,8 +10,12 @@ from lumireg.contract import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from lumireg.service.server import free_ports
 
 PAIR_BYTES = 2 * 160 * 224 * 192  # two uint8 volumes
-FIELD_BYTES = {"displacement_fp16": 3 * 160 * 224 * 192 * 2, "displacement": 3 * 160 * 224 * 192 * 4,
-               "warped": 160 * 224 * 192 * 4, "qc": 0}
+FIELD_BYTES = {
+    "displacement_fp16": 3 * 160 * 224 * 192 * 2,
+    "displacement": 3 * 160 * 224 * 192 * 4,
+    "warped": 160 * 224 * 192 * 4,
+    "qc": 0,
+}
 
 
 def test_tiny_sweep_fills_every_field(service_run):
@@ -20,8 +24,12 @@ def test_tiny_sweep_fills_every_field(service_run):
     report = json.loads((device_dir / "service.json").read_text())
     assert report["device"] and report["cpu"] and report["versions"]["lumireg"] and "server at" in report["target"]
     kinds = [(r["kind"], r["transport"], r["batch"], r["concurrency"]) for r in report["runs"]]
-    assert kinds[:4] == [("batch", "shm", 1, 1), ("batch", "shm", 2, 1), ("concurrency", "shm", 1, 1),
-                         ("concurrency", "shm", 1, 2)]
+    assert kinds[:4] == [
+        ("batch", "shm", 1, 1),
+        ("batch", "shm", 2, 1),
+        ("concurrency", "shm", 1, 1),
+        ("concurrency", "shm", 1, 2),
+    ]
     assert {r["transport"] for r in report["runs"]} == {"shm", "grpc", "in-process"}
     for run in report["runs"]:
         assert 0 < run["p50_ms"] <= run["p90_ms"] <= run["p99_ms"], run
@@ -50,5 +58,7 @@ def test_service_benchmark_without_a_server_is_unavailable(tmp_path, capsys):
 
 
 def test_service_benchmark_refuses_bad_options_before_sending(tmp_path, capsys):
-    assert main(["bench", "service", "--url", "127.0.0.1:1", "--batch-sizes", "0", "--out", str(tmp_path)]) == EXIT_USAGE
+    assert (
+        main(["bench", "service", "--url", "127.0.0.1:1", "--batch-sizes", "0", "--out", str(tmp_path)]) == EXIT_USAGE
+    )
     assert "--batch-sizes needs positive integers" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-
 from tritonclient.utils import InferenceServerException
 
 from lumireg.cli import main
@@ -42,8 +41,15 @@ def lumir_files(pair, tmp_path_factory):
         nib.save(nib.Nifti1Image(image, affine), str(root / "imagesVal" / name))
         nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(root / "labelsVal" / name))
     pairs = [{"fixed": f"./imagesVal/{LUMIR_NAMES[0]}", "moving": f"./imagesVal/{LUMIR_NAMES[i]}"} for i in (1, 2)]
-    config = {"name": "test", "expected_shape": [160, 224, 192, 3], "eval_pairs": pairs,
-              "evaluation_methods": [{"name": "NDV", "metric": "ndv"}, {"name": "Dice", "metric": "dice", "labels": [1, 2, 3]}]}
+    config = {
+        "name": "test",
+        "expected_shape": [160, 224, 192, 3],
+        "eval_pairs": pairs,
+        "evaluation_methods": [
+            {"name": "NDV", "metric": "ndv"},
+            {"name": "Dice", "metric": "dice", "labels": [1, 2, 3]},
+        ],
+    }
     (root / "config.json").write_text(json.dumps(config))
     return root
 
@@ -56,8 +62,9 @@ def shm_client(server):
 
 def test_lumir_round_trip(shm_client, lumir_files, in_process):
     fixed, moving = (lumir_files / "imagesVal" / n for n in LUMIR_NAMES[:2])
-    result = shm_client.register(fixed, moving, ("displacement", "inverse_displacement", "warped", "qc"),
-                                 precision="float32")
+    result = shm_client.register(
+        fixed, moving, ("displacement", "inverse_displacement", "warped", "qc"), precision="float32"
+    )
     field = result.displacement.get_fdata(dtype=np.float32)
     assert field.shape == (160, 224, 192, 3)
     assert np.allclose(result.displacement.affine, nib.load(str(fixed)).affine)
@@ -86,13 +93,18 @@ def test_passes_reach_the_server(shm_client, lumir_files, in_process_one_pass):
 
 
 def test_shared_memory_and_grpc_payloads_give_identical_results(server, shm_client, pair):
-    kwargs = dict(outputs=("displacement", "warped", "warped_labels"), moving_labels=pair["moving_labels"][0, 0],
-                  precision="float32")
+    kwargs = dict(
+        outputs=("displacement", "warped", "warped_labels"),
+        moving_labels=pair["moving_labels"][0, 0],
+        precision="float32",
+    )
     via_shm = shm_client.register(pair["fixed"][0, 0], pair["moving"][0, 0], **kwargs)
     with RegistrationClient(server.grpc_url, transport="grpc") as plain:
         via_grpc = plain.register(pair["fixed"][0, 0], pair["moving"][0, 0], **kwargs)
     for name in kwargs["outputs"]:
-        np.testing.assert_array_equal(np.asarray(getattr(via_shm, name).dataobj), np.asarray(getattr(via_grpc, name).dataobj))
+        np.testing.assert_array_equal(
+            np.asarray(getattr(via_shm, name).dataobj), np.asarray(getattr(via_grpc, name).dataobj)
+        )
     assert via_shm.warped_labels.get_data_dtype() == np.int32
 
 
@@ -113,15 +125,25 @@ def test_non_lumir_input_comes_back_on_its_own_grid_and_a_known_warp_is_recovere
     grid = np.indices(fixed.shape, dtype=np.float32)
     centre = np.array(fixed.shape, dtype=np.float32)[:, None, None, None] / 2
     # moving(y) = fixed(y + true(y)) with a smooth known field of about 1.3 voxels (2 mm) at most
-    true = 1.3 * np.stack([np.sin(np.pi * (grid[(a + 1) % 3] - centre[(a + 1) % 3]) / fixed.shape[(a + 1) % 3])
-                           for a in range(3)])
+    true = 1.3 * np.stack(
+        [np.sin(np.pi * (grid[(a + 1) % 3] - centre[(a + 1) % 3]) / fixed.shape[(a + 1) % 3]) for a in range(3)]
+    )
     moving = ndimage.map_coordinates(fixed, grid + true, order=1, mode="constant")
     # so the pull-back that brings moving back onto fixed is the inverse: d(x) = -true(x + d(x))
     expected = -true
     for _ in range(6):
-        expected = -np.stack([ndimage.map_coordinates(true[a], grid + expected, order=1, mode="nearest") for a in range(3)])
-    result = shm_client.register(fixed, moving, ("displacement", "warped", "qc"), fixed_affine=affine,
-                                 moving_affine=affine, precision="float32", field_format="itk")
+        expected = -np.stack(
+            [ndimage.map_coordinates(true[a], grid + expected, order=1, mode="nearest") for a in range(3)]
+        )
+    result = shm_client.register(
+        fixed,
+        moving,
+        ("displacement", "warped", "qc"),
+        fixed_affine=affine,
+        moving_affine=affine,
+        precision="float32",
+        field_format="itk",
+    )
     assert result.displacement.shape == (*fixed.shape, 3)
     np.testing.assert_allclose(result.displacement.affine, affine)
     found = np.moveaxis(result.displacement.get_fdata(dtype=np.float32), -1, 0)
@@ -132,19 +154,35 @@ def test_non_lumir_input_comes_back_on_its_own_grid_and_a_known_warp_is_recovere
     warped = result.warped.get_fdata()
     assert np.abs(warped - fixed)[brain].mean() < 0.7 * np.abs(moving - fixed)[brain].mean()
     # the ITK field, applied by ANTs, gives our warped image
-    for name, image in (("fixed", nib.Nifti1Image(fixed, affine)), ("moving", nib.Nifti1Image(moving, affine)),
-                        ("field", result.displacement_itk)):
+    for name, image in (
+        ("fixed", nib.Nifti1Image(fixed, affine)),
+        ("moving", nib.Nifti1Image(moving, affine)),
+        ("field", result.displacement_itk),
+    ):
         nib.save(image, str(tmp_path / f"{name}.nii.gz"))
-    by_ants = ants.apply_transforms(fixed=ants.image_read(str(tmp_path / "fixed.nii.gz")),
-                                    moving=ants.image_read(str(tmp_path / "moving.nii.gz")),
-                                    transformlist=[str(tmp_path / "field.nii.gz")], interpolator="linear").numpy()
+    by_ants = ants.apply_transforms(
+        fixed=ants.image_read(str(tmp_path / "fixed.nii.gz")),
+        moving=ants.image_read(str(tmp_path / "moving.nii.gz")),
+        transformlist=[str(tmp_path / "field.nii.gz")],
+        interpolator="linear",
+    ).numpy()
     assert np.abs(by_ants - warped)[brain].max() < 1e-2 * np.ptp(fixed)
 
 
 def test_batch_writes_a_lumir_submission_that_evaluate_reads_and_resumes(server, lumir_files, tmp_path, capsys):
     out = tmp_path / "submission"
-    command = ["register", "--pairs", str(lumir_files / "config.json"), "-o", str(out), "--lumir-submission",
-               "--url", server.grpc_url, "--concurrency", "2"]
+    command = [
+        "register",
+        "--pairs",
+        str(lumir_files / "config.json"),
+        "-o",
+        str(out),
+        "--lumir-submission",
+        "--url",
+        server.grpc_url,
+        "--concurrency",
+        "2",
+    ]
     assert main(command) == 0
     files = sorted(p.name for p in out.iterdir())
     assert files == ["disp_3455_3456.nii.gz", "disp_3455_3457.nii.gz"]
@@ -180,8 +218,21 @@ def test_batch_survives_a_server_restart(lumir_files, tmp_path, capsys):
     ports = free_ports()
     log = tmp_path / "server.log"
     out = tmp_path / "out"
-    command = ["register", "--pairs", str(lumir_files / "config.json"), "-o", str(out), "--url",
-               f"127.0.0.1:{ports.grpc}", "--concurrency", "1", "--outputs", "displacement", "--retry-seconds", "120"]
+    command = [
+        "register",
+        "--pairs",
+        str(lumir_files / "config.json"),
+        "-o",
+        str(out),
+        "--url",
+        f"127.0.0.1:{ports.grpc}",
+        "--concurrency",
+        "1",
+        "--outputs",
+        "displacement",
+        "--retry-seconds",
+        "120",
+    ]
     server = EmbeddedServer(SOURCE_REPOSITORY, ports=ports, log=log).start()
     codes = []
     worker = threading.Thread(target=lambda: codes.append(main(command)))
@@ -264,15 +315,17 @@ def test_labels_stored_as_floats_are_warped_as_integers(shm_client, pair):
     image, affine = _reoriented_clinical_image(pair["moving"][0, 0], canvas.affine)
     labels, _ = _reoriented_clinical_image(pair["moving_labels"][0, 0].astype(np.float32), canvas.affine)
     labels = np.rint((labels - 100) / 3.7).astype(np.float32)  # a label map saved as float32, as many tools do
-    result = shm_client.register(image, image, ("warped_labels",), moving_labels=labels, fixed_affine=affine,
-                                 moving_affine=affine)
+    result = shm_client.register(
+        image, image, ("warped_labels",), moving_labels=labels, fixed_affine=affine, moving_affine=affine
+    )
     warped = np.asarray(result.warped_labels.dataobj)
     assert warped.dtype == np.int32 and warped.shape == labels.shape
     # an image registered to itself: the labels come back where they were, but for a few boundary voxels
     assert np.mean(warped == labels) > 0.97
     with pytest.raises(InputError, match="whole numbers"):
-        shm_client.register(image, image, ("warped_labels",), moving_labels=labels + 0.25, fixed_affine=affine,
-                            moving_affine=affine)
+        shm_client.register(
+            image, image, ("warped_labels",), moving_labels=labels + 0.25, fixed_affine=affine, moving_affine=affine
+        )
 
 
 def _nearest_warp(labels: np.ndarray, field: np.ndarray) -> np.ndarray:
@@ -285,10 +338,30 @@ def test_labels_given_are_warped_without_asking(server, lumir_files, tmp_path, c
     fixed, moving = (lumir_files / "imagesVal" / n for n in LUMIR_NAMES[:2])
     labels = lumir_files / "labelsVal" / LUMIR_NAMES[1]
     out = tmp_path / "out"
-    assert main(["register", str(fixed), str(moving), "--labels", str(labels), "-o", str(out),
-                 "--url", server.grpc_url, "--precision", "float32"]) == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz",
-                                                    "warped_labels.nii.gz"]
+    assert (
+        main(
+            [
+                "register",
+                str(fixed),
+                str(moving),
+                "--labels",
+                str(labels),
+                "-o",
+                str(out),
+                "--url",
+                server.grpc_url,
+                "--precision",
+                "float32",
+            ]
+        )
+        == EXIT_OK
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "displacement.nii.gz",
+        "qc.json",
+        "warped.nii.gz",
+        "warped_labels.nii.gz",
+    ]
     warped = np.asarray(nib.load(str(out / "warped_labels.nii.gz")).dataobj)
     original = np.asarray(nib.load(str(labels)).dataobj)
     assert warped.dtype == original.dtype and not np.array_equal(warped, original)
@@ -302,9 +375,15 @@ def test_labels_given_are_warped_without_asking(server, lumir_files, tmp_path, c
 @pytest.fixture
 def labelled_dataset(lumir_files, tmp_path) -> Path:
     """A LUMIR dataset JSON (validation) whose first pair names its moving labels and whose second does not."""
-    entries = [{"fixed": f"./imagesVal/{LUMIR_NAMES[0]}", "moving": f"./imagesVal/{LUMIR_NAMES[1]}",
-                "fixed_label": f"./labelsVal/{LUMIR_NAMES[0]}", "moving_label": f"./labelsVal/{LUMIR_NAMES[1]}"},
-               {"fixed": f"./imagesVal/{LUMIR_NAMES[0]}", "moving": f"./imagesVal/{LUMIR_NAMES[2]}"}]
+    entries = [
+        {
+            "fixed": f"./imagesVal/{LUMIR_NAMES[0]}",
+            "moving": f"./imagesVal/{LUMIR_NAMES[1]}",
+            "fixed_label": f"./labelsVal/{LUMIR_NAMES[0]}",
+            "moving_label": f"./labelsVal/{LUMIR_NAMES[1]}",
+        },
+        {"fixed": f"./imagesVal/{LUMIR_NAMES[0]}", "moving": f"./imagesVal/{LUMIR_NAMES[2]}"},
+    ]
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps({"name": "test", "validation": entries}))
     return path
@@ -312,13 +391,30 @@ def labelled_dataset(lumir_files, tmp_path) -> Path:
 
 def test_batch_warps_each_pairs_labels(server, lumir_files, labelled_dataset, tmp_path, capsys):
     out = tmp_path / "batch"
-    command = ["register", "--pairs", str(labelled_dataset), "--data-dir", str(lumir_files), "-o", str(out),
-               "--url", server.grpc_url, "--concurrency", "2", "--precision", "float32"]
+    command = [
+        "register",
+        "--pairs",
+        str(labelled_dataset),
+        "--data-dir",
+        str(lumir_files),
+        "-o",
+        str(out),
+        "--url",
+        server.grpc_url,
+        "--concurrency",
+        "2",
+        "--precision",
+        "float32",
+    ]
     assert main(command) == EXIT_OK, capsys.readouterr().err
     assert "registered 2 pair(s)" in capsys.readouterr().out
     with_labels, without = out / "disp_3455_3456", out / "disp_3455_3457"
-    assert sorted(p.name for p in with_labels.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz",
-                                                            "warped_labels.nii.gz"]
+    assert sorted(p.name for p in with_labels.iterdir()) == [
+        "displacement.nii.gz",
+        "qc.json",
+        "warped.nii.gz",
+        "warped_labels.nii.gz",
+    ]
     assert sorted(p.name for p in without.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz"]
     warped = np.asarray(nib.load(str(with_labels / "warped_labels.nii.gz")).dataobj)
     original = np.asarray(nib.load(str(lumir_files / "labelsVal" / LUMIR_NAMES[1])).dataobj)
@@ -336,12 +432,15 @@ def test_pairs_files_name_moving_labels(lumir_files, labelled_dataset, tmp_path)
     pairs = read_pairs(labelled_dataset, lumir_files)
     assert [p.moving_labels for p in pairs] == [lumir_files / f"./labelsVal/{LUMIR_NAMES[1]}", None]
     listing = tmp_path / "pairs.csv"
-    listing.write_text("fixed,moving,moving_labels\n# a comment\na.nii.gz, b.nii.gz, seg/b.nii.gz\nc.nii.gz,d.nii.gz,\n"
-                       "e.nii.gz,f.nii.gz\n")
+    listing.write_text(
+        "fixed,moving,moving_labels\n# a comment\na.nii.gz, b.nii.gz, seg/b.nii.gz\nc.nii.gz,d.nii.gz,\n"
+        "e.nii.gz,f.nii.gz\n"
+    )
     assert read_pairs(listing, None) == [
         Pair(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "seg/b.nii.gz", "a.nii.gz", "b.nii.gz"),
         Pair(tmp_path / "c.nii.gz", tmp_path / "d.nii.gz", None, "c.nii.gz", "d.nii.gz"),
-        Pair(tmp_path / "e.nii.gz", tmp_path / "f.nii.gz", None, "e.nii.gz", "f.nii.gz")]
+        Pair(tmp_path / "e.nii.gz", tmp_path / "f.nii.gz", None, "e.nii.gz", "f.nii.gz"),
+    ]
     listing.write_text("a.nii.gz,b.nii.gz,c.nii.gz,d.nii.gz\n")
     with pytest.raises(ValueError, match="row 1"):
         read_pairs(listing, None)
@@ -373,8 +472,16 @@ class _Refusing:
         pass
 
 
-@pytest.mark.parametrize("status", ["StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT",
-                                    "StatusCode.INTERNAL", "StatusCode.DEADLINE_EXCEEDED"])
+@pytest.mark.parametrize(
+    "status",
+    [
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.NOT_FOUND",
+        "StatusCode.INVALID_ARGUMENT",
+        "StatusCode.INTERNAL",
+        "StatusCode.DEADLINE_EXCEEDED",
+    ],
+)
 def test_client_acts_on_the_status_not_the_message(status):
     # the words the client once matched, on every status: only the status may decide
     transport = _Refusing(status, "model 'lumireg' has no available versions; is not ready; shared memory region")
@@ -407,8 +514,10 @@ def test_interrupted_register_exits_130_with_one_line(how, server, lumir_files, 
     monkeypatch.setattr(RegistrationClient, "register", interrupted)
     before = signal.getsignal(signal.SIGTERM)
     fixed, moving = (lumir_files / "imagesVal" / n for n in LUMIR_NAMES[:2])
-    assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "o"), "--url", server.grpc_url]) \
+    assert (
+        main(["register", str(fixed), str(moving), "-o", str(tmp_path / "o"), "--url", server.grpc_url])
         == EXIT_INTERRUPTED
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0], err
     assert signal.getsignal(signal.SIGTERM) is before

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from lumireg.client import geometry
-from lumireg.client.geometry import (Placement, canvas_affine_for, field_to_fixed_grid, is_native, itk_image,
-                                     to_canvas, warp_to_fixed)
+from lumireg.client.geometry import (
+    Placement,
+    canvas_affine_for,
+    field_to_fixed_grid,
+    is_native,
+    itk_image,
+    to_canvas,
+    warp_to_fixed,
+)
 from lumireg.contract import CANVAS
 
 CENTRE = (np.array(CANVAS) - 1) / 2
@@ -51,7 +58,7 @@ def lps_cropped_image(np_rng, spacing=1.5, full=(120, 150, 140)):
     crop = np.eye(4)
     crop[:3, 3] = lo
     affine = lps @ crop
-    data = np.ascontiguousarray(data_lps[lo[0]:full[0] - hi[0], lo[1]:full[1] - hi[1], lo[2]:full[2] - hi[2]])
+    data = np.ascontiguousarray(data_lps[lo[0] : full[0] - hi[0], lo[1] : full[1] - hi[1], lo[2] : full[2] - hi[2]])
     assert affine[0, 0] < 0 and affine[1, 1] < 0 and affine[2, 2] > 0
     np.testing.assert_allclose(data, brain(world(affine, data.shape), phases), atol=1e-3)  # the helper itself
     return data, affine, phases
@@ -65,6 +72,7 @@ def expected_canvas_affine(shape, affine):
 
 
 # 1. native images ---------------------------------------------------------------------------------------------------
+
 
 def test_native_images_pass_through_unchanged(np_rng):
     rng, seed = np_rng
@@ -93,8 +101,13 @@ def test_native_images_pass_through_unchanged(np_rng):
 
     # pull-back: an integer shift s reads moving(x + s) at x, zero where x + s leaves the image
     s = rng.integers(-5, 6, 3)
-    shifted = warp_to_fixed(labels, np.broadcast_to(s.reshape(3, 1, 1, 1), (3, *CANVAS)).astype(np.float32),
-                            placement, placement, labels=True)
+    shifted = warp_to_fixed(
+        labels,
+        np.broadcast_to(s.reshape(3, 1, 1, 1), (3, *CANVAS)).astype(np.float32),
+        placement,
+        placement,
+        labels=True,
+    )
     padded = np.zeros([n + 12 for n in CANVAS], np.int32)
     padded[6:-6, 6:-6, 6:-6] = labels
     expected = padded[tuple(slice(6 + si, 6 + si + n) for si, n in zip(s, CANVAS))]
@@ -102,6 +115,7 @@ def test_native_images_pass_through_unchanged(np_rng):
 
 
 # 2. a non-native image: 1.5 mm, LPS, cropped ------------------------------------------------------------------------
+
 
 def test_canvas_affine_centres_the_field_of_view(np_rng):
     rng, _ = np_rng
@@ -121,8 +135,13 @@ def test_an_lps_cropped_image_lands_on_the_ras_canvas(np_rng):
     lo, hi = np.percentile(data, [0.5, 99.5])
     expected = np.clip((brain(world(placement.canvas_affine, CANVAS), phases) - lo) / (hi - lo), 0, 1) * 255
     # canvas voxels well inside the image's field of view
-    inside = np.all([(c >= 1) & (c <= n - 2) for c, n in zip(world(np.linalg.inv(affine) @ placement.canvas_affine,
-                                                                   CANVAS), data.shape)], axis=0)
+    inside = np.all(
+        [
+            (c >= 1) & (c <= n - 2)
+            for c, n in zip(world(np.linalg.inv(affine) @ placement.canvas_affine, CANVAS), data.shape)
+        ],
+        axis=0,
+    )
     error = np.abs(canvas.astype(np.float64) - expected)[inside]
     assert error.mean() < 0.5 and error.max() < 2, (error.mean(), error.max(), np_rng[1])
     assert np.all(canvas[~inside & (expected < 1)] <= 1)
@@ -150,8 +169,9 @@ def test_a_translated_moving_image_is_met_through_its_own_canvas(np_rng):
     # each canvas is centred on its own image, so canvas voxel c of one is world point p + t of the other:
     # d = inv(R) t, in fixed voxels (LPS at 1.5 mm: -t_x / 1.5, -t_y / 1.5, t_z / 1.5)
     expected = np.array([-t[0], -t[1], t[2]]) / 1.5
-    np.testing.assert_allclose(d.reshape(3, -1).T, np.broadcast_to(expected, (d[0].size, 3)), atol=1e-4,
-                               err_msg=f"seed {seed}")
+    np.testing.assert_allclose(
+        d.reshape(3, -1).T, np.broadcast_to(expected, (d[0].size, 3)), atol=1e-4, err_msg=f"seed {seed}"
+    )
     warped = warp_to_fixed(data, d, fixed, moving)  # the same content: the moving array read at the same voxel
     np.testing.assert_allclose(warped, data, atol=1e-3 * data.max(), err_msg=f"seed {seed}")
 
@@ -187,12 +207,14 @@ def test_a_known_canvas_field_maps_back_to_the_expected_displacement(np_rng, kin
 
         def u_of(c0, c1, c2):
             w = 2 * np.pi / wavelength
-            return (a[0] * np.sin(w[0] * c1 + phi[0]) * np.cos(w[1] * c2),
-                    a[1] * np.sin(w[1] * c2 + phi[1]) * np.cos(w[2] * c0),
-                    a[2] * np.sin(w[2] * c0 + phi[2]) * np.cos(w[0] * c1))
+            return (
+                a[0] * np.sin(w[0] * c1 + phi[0]) * np.cos(w[1] * c2),
+                a[1] * np.sin(w[1] * c2 + phi[1]) * np.cos(w[2] * c0),
+                a[2] * np.sin(w[2] * c0 + phi[2]) * np.cos(w[0] * c1),
+            )
 
         tolerance = 0.03  # trilinear interpolation of the sinusoid on the canvas grid
-    grid = np.ogrid[0:CANVAS[0], 0:CANVAS[1], 0:CANVAS[2]]
+    grid = np.ogrid[0 : CANVAS[0], 0 : CANVAS[1], 0 : CANVAS[2]]
     canvas_disp = np.stack([np.broadcast_to(comp, CANVAS) for comp in u_of(*grid)]).astype(np.float32)
     d = field_to_fixed_grid(canvas_disp, fixed, moving)
     x = np.stack([rng.integers(0, n, 400) for n in data.shape])
@@ -206,6 +228,7 @@ def test_a_known_canvas_field_maps_back_to_the_expected_displacement(np_rng, kin
 
 # 3. intensities and rejections -------------------------------------------------------------------------------------
 
+
 def test_intensities_use_the_percentiles_of_the_whole_original_image(np_rng):
     rng, seed = np_rng
     shape = (200, 50, 60)  # even sizes at 1 mm: canvas voxels fall on image voxels; axis 0 overhangs by 20 each side
@@ -217,13 +240,13 @@ def test_intensities_use_the_percentiles_of_the_whole_original_image(np_rng):
     assert hi > 400  # the overhang's doing
     mapped = np.rint(np.clip((np.nan_to_num(data, nan=0.0) - lo) / (hi - lo), 0, 1) * 255)
     offset = (CENTRE - (np.array(shape) - 1) / 2).astype(int)  # (-20, 87, 66)
-    window = canvas[:, offset[1]:offset[1] + 50, offset[2]:offset[2] + 60]
+    window = canvas[:, offset[1] : offset[1] + 50, offset[2] : offset[2] + 60]
     diff = np.abs(window.astype(np.float64) - mapped[20:180])
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean(), seed)
     nans = np.isnan(data[20:180])
     assert np.all(np.abs(window[nans].astype(float) - np.rint(-lo / (hi - lo) * 255)) <= 1)  # NaN -> 0 -> grey
     outside = np.ones(CANVAS, bool)
-    outside[:, offset[1]:offset[1] + 50, offset[2]:offset[2] + 60] = False
+    outside[:, offset[1] : offset[1] + 50, offset[2] : offset[2] + 60] = False
     assert np.all(canvas[outside] == 0)  # outside the field of view 0, although lo < 0
 
 
@@ -244,31 +267,38 @@ def test_uint8_percentiles_and_clipping(np_rng):
         assert percentile_side.mean() <= (window == end).mean() <= percentile_side.mean() + 0.003, (end, seed)
 
 
-@pytest.mark.parametrize("data, message", [
-    (np.ones((10, 10, 10)), "constant"),
-    (np.zeros((10, 10, 10), np.int16), "constant"),
-    (np.full((10, 10, 10), np.nan), "no finite"),
-    (np.zeros(CANVAS, np.uint8), "constant"),
-    (np.random.default_rng(0).random((10, 10, 10, 2)), "3-D"),
-    (np.random.default_rng(0).random((10, 10)), "3-D"),
-    (np.zeros((0, 10, 10)), "3-D"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (np.ones((10, 10, 10)), "constant"),
+        (np.zeros((10, 10, 10), np.int16), "constant"),
+        (np.full((10, 10, 10), np.nan), "no finite"),
+        (np.zeros(CANVAS, np.uint8), "constant"),
+        (np.random.default_rng(0).random((10, 10, 10, 2)), "3-D"),
+        (np.random.default_rng(0).random((10, 10)), "3-D"),
+        (np.zeros((0, 10, 10)), "3-D"),
+    ],
+)
 def test_bad_images_are_refused(data, message):
     with pytest.raises(ValueError, match=message):
         to_canvas(data, np.eye(4))
 
 
-@pytest.mark.parametrize("affine, message", [
-    (np.diag([1.0, 1.0, 0.0, 1.0]), "singular"),
-    (np.full((4, 4), np.nan), "finite"),
-    (np.eye(3), "4x4"),
-])
+@pytest.mark.parametrize(
+    "affine, message",
+    [
+        (np.diag([1.0, 1.0, 0.0, 1.0]), "singular"),
+        (np.full((4, 4), np.nan), "finite"),
+        (np.eye(3), "4x4"),
+    ],
+)
 def test_bad_affines_are_refused(affine, message):
     with pytest.raises(ValueError, match=message):
         to_canvas(np.random.default_rng(0).random((10, 10, 10)), affine)
 
 
 # 4. sub-millimetre input --------------------------------------------------------------------------------------------
+
 
 def test_sub_millimetre_images_are_smoothed_before_resampling():
     shape = (101, 121, 111)  # at 0.5 mm every canvas voxel lands on an image voxel of the same checker parity
@@ -283,6 +313,7 @@ def test_sub_millimetre_images_are_smoothed_before_resampling():
 
 
 # 5. the ITK / ANTs displacement field -------------------------------------------------------------------------------
+
 
 def test_the_itk_field_warps_like_we_do_in_ants(np_rng, tmp_path):
     ants = pytest.importorskip("ants")
@@ -300,8 +331,9 @@ def test_the_itk_field_warps_like_we_do_in_ants(np_rng, tmp_path):
 
     i, j, k = np.indices(fixed_shape)
     a = rng.uniform(1, 3, 3)
-    d = np.stack([a[0] * np.sin(j / 7 + phases[0]), a[1] * np.cos(k / 8 + i / 13),
-                  a[2] * np.sin(i / 6) * np.cos(j / 9)]).astype(np.float32)
+    d = np.stack(
+        [a[0] * np.sin(j / 7 + phases[0]), a[1] * np.cos(k / 8 + i / 13), a[2] * np.sin(i / 6) * np.cos(j / 9)]
+    ).astype(np.float32)
     ours = warp_to_fixed(moving_data, d, fixed, moving)
 
     nib.save(nib.Nifti1Image(fixed_data, fixed_affine), tmp_path / "fixed.nii.gz")
@@ -309,9 +341,12 @@ def test_the_itk_field_warps_like_we_do_in_ants(np_rng, tmp_path):
     field = itk_image(d, fixed_affine, nib.Nifti1Image(fixed_data, fixed_affine).header)
     assert field.shape == (*fixed_shape, 1, 3) and field.header.get_intent()[0] == "vector"
     nib.save(field, tmp_path / "field.nii.gz")
-    theirs = ants.apply_transforms(fixed=ants.image_read(str(tmp_path / "fixed.nii.gz")),
-                                   moving=ants.image_read(str(tmp_path / "moving.nii.gz")),
-                                   transformlist=[str(tmp_path / "field.nii.gz")], interpolator="linear").numpy()
+    theirs = ants.apply_transforms(
+        fixed=ants.image_read(str(tmp_path / "fixed.nii.gz")),
+        moving=ants.image_read(str(tmp_path / "moving.nii.gz")),
+        transformlist=[str(tmp_path / "field.nii.gz")],
+        interpolator="linear",
+    ).numpy()
     assert theirs.shape == fixed_shape
     coords = geometry.moving_coordinates(d, fixed, moving)
     interior = np.all([(c >= 1) & (c <= n - 2) for c, n in zip(coords, moving_shape)], axis=0)

@@ -34,7 +34,7 @@ def landmark_volume(shape=SHAPE) -> np.ndarray:
     """Each landmark a two-voxel blob; its centroid sits half a voxel past LANDMARKS along axis 2."""
     out = np.zeros(shape)
     for label, (i, j, k) in LANDMARKS.items():
-        out[i, j, k:k + 2] = label
+        out[i, j, k : k + 2] = label
     return out
 
 
@@ -45,6 +45,7 @@ def linear_field(matrix, shape=SHAPE) -> np.ndarray:
 
 
 # --- translations: every metric has a closed form -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -98,6 +99,7 @@ def test_nearest_warp_reads_zero_outside_and_rounds_to_the_nearest_voxel():
 
 # --- absent labels ------------------------------------------------------------------------------------------
 
+
 def test_labels_absent_from_fixed_or_moving_are_nan_and_skipped_by_the_mean():
     fixed = cube_labels()
     moving = fixed.copy()
@@ -115,7 +117,9 @@ def test_label_warped_out_of_view_scores_dice_0_and_infinite_hd95():
     warped = metrics.warp_labels_nearest(labels, translation([20, 0, 0]))
     assert metrics.dice(labels, warped, [1], labels)[0] == 0.0
     assert metrics.hd95(labels, warped, [1], labels)[0] == np.inf
-    assert np.isnan(metrics.tre(landmark_volume(), metrics.warp_labels_nearest(landmark_volume(), translation([20, 0, 0]))))
+    assert np.isnan(
+        metrics.tre(landmark_volume(), metrics.warp_labels_nearest(landmark_volume(), translation([20, 0, 0])))
+    )
 
 
 def test_non_integer_labels_are_refused():
@@ -223,6 +227,7 @@ def test_hd95_weighs_surface_points_by_area_so_a_tiny_fragment_does_not_count():
 
 # --- layouts -------------------------------------------------------------------------------------------------
 
+
 def test_channels_first_fields_are_refused_until_converted():
     disp = translation([1, 0, 0])
     first = np.moveaxis(disp, -1, 0)
@@ -232,6 +237,7 @@ def test_channels_first_fields_are_refused_until_converted():
 
 
 # --- folds: counted by hand ------------------------------------------------------------------------------------
+
 
 def mirrored_slab(depth: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """Rows 4, 5, 6 of axis 0 mapped to 6, 5, 4: phi = 0 1 2 3 6 5 4 7 8 ...; returns (disp, phi)."""
@@ -341,12 +347,13 @@ def test_torch_tensors_give_the_numpy_values_on_their_device(np_rng, triton_devi
     size = (21, 8, 9)  # more than one NDV slab
     disp = np.stack([ndimage.gaussian_filter(np_rng.normal(size=size), 1.0) for _ in range(3)], -1) * 6
     mask = np_rng.random(size) > 0.3
-    as_tensor = (lambda a: torch.from_numpy(a).to(triton_device))  # noqa: E731
+    as_tensor = lambda a: torch.from_numpy(a).to(triton_device)  # noqa: E731
     expected = metrics.ndv_percent(disp, mask)
     assert expected > 0
     assert metrics.ndv_percent(as_tensor(disp), as_tensor(mask)) == pytest.approx(expected, rel=1e-12)
     assert metrics.ndv_percent(as_tensor(disp)) == pytest.approx(metrics.ndv_percent(disp), rel=1e-12)
     jacobian = metrics.jacobian_determinant(as_tensor(disp.astype(np.float32)))
     assert jacobian.device.type == torch.device(triton_device).type and jacobian.dtype == torch.float64
-    np.testing.assert_allclose(jacobian.cpu().numpy(), metrics.jacobian_determinant(disp.astype(np.float32)),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        jacobian.cpu().numpy(), metrics.jacobian_determinant(disp.astype(np.float32)), rtol=1e-12, atol=1e-12
+    )

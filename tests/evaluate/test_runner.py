@@ -67,8 +67,10 @@ def write_configs(root, segmentation=None, landmark=None):
     lm = {
         "name": "LUMIR",
         "expected_shape": [*SHAPE, 3],
-        "eval_pairs": [{"fixed": image(SUBJECTS[1]), "moving": image(SUBJECTS[0])},
-                       {"fixed": image(SUBJECTS[2]), "moving": image(SUBJECTS[1])}],
+        "eval_pairs": [
+            {"fixed": image(SUBJECTS[1]), "moving": image(SUBJECTS[0])},
+            {"fixed": image(SUBJECTS[2]), "moving": image(SUBJECTS[1])},
+        ],
         "evaluation_methods": [
             {"name": "Non-diffeomorphic Volumes", "metric": "ndv"},
             {"name": "TRE_lm", "metric": "tre", "dest": "landmarks"},
@@ -106,8 +108,8 @@ def test_evaluate_cli_scores_a_translation_end_to_end(dataset, capsys):
     assert set(case) == {"Non-diffeomorphic Volumes", "DSC", "HD95", "TRE_lm", "SDlogJ"}
 
     # cubes shifted by K along axis 0: Dice (side - K) / side; background by counting; label 7 absent -> null
-    volume, cubes = np.prod(SHAPE), sum(side ** 3 for _, _, side in CUBES)
-    union = sum(2 * side ** 3 - side ** 2 * (side - K) for _, _, side in CUBES)
+    volume, cubes = np.prod(SHAPE), sum(side**3 for _, _, side in CUBES)
+    union = sum(2 * side**3 - side**2 * (side - K) for _, _, side in CUBES)
     background = 2 * (volume - union) / (2 * (volume - cubes))
     expected = {"0": background, "1": (4 - K) / 4, "2": (5 - K) / 5, "7": None}
     assert case["DSC"]["detailed"].keys() == expected.keys()
@@ -124,8 +126,11 @@ def test_evaluate_cli_scores_a_translation_end_to_end(dataset, capsys):
     assert identity["TRE_lm"]["mean"] == 0.0 and identity["Non-diffeomorphic Volumes"]["mean"] == 0.0
 
     # aggregates over the cases holding each method: TRE over [K, 0] -> mean K/2, std K/2, 30 % quantile 0.3 K
-    assert report["aggregates"]["TRE_lm"] == {"mean": pytest.approx(K / 2), "std": pytest.approx(K / 2),
-                                              "30": pytest.approx(0.3 * K)}
+    assert report["aggregates"]["TRE_lm"] == {
+        "mean": pytest.approx(K / 2),
+        "std": pytest.approx(K / 2),
+        "30": pytest.approx(0.3 * K),
+    }
     assert report["aggregates"]["HD95"] == {"mean": K, "std": 0.0, "30": K}
     assert report["name"] == "LUMIR"
     assert "TRE_lm" in capsys.readouterr().out
@@ -133,9 +138,12 @@ def test_evaluate_cli_scores_a_translation_end_to_end(dataset, capsys):
 
 def test_nan_aggregates_are_written_as_null(dataset):
     root, gt, disp, _ = dataset
-    only_absent = {"name": "absent", "expected_shape": [*SHAPE, 3],
-                   "eval_pairs": [{"fixed": image(SUBJECTS[1]), "moving": image(SUBJECTS[0])}],
-                   "evaluation_methods": [{"name": "DSC", "metric": "dice", "labels": [7]}]}
+    only_absent = {
+        "name": "absent",
+        "expected_shape": [*SHAPE, 3],
+        "eval_pairs": [{"fixed": image(SUBJECTS[1]), "moving": image(SUBJECTS[0])}],
+        "evaluation_methods": [{"name": "DSC", "metric": "dice", "labels": [7]}],
+    }
     config = root / "absent.json"
     config.write_text(json.dumps(only_absent))
     report = evaluate(disp, gt, [config], progress=False)
@@ -182,16 +190,26 @@ BROKEN = {
     "not JSON": "{not json",
     "no pairs": {"name": "x", "expected_shape": [*SHAPE, 3], "evaluation_methods": [{"name": "n", "metric": "ndv"}]},
     "bad shape": {"expected_shape": [12, 14], "eval_pairs": [], "evaluation_methods": []},
-    "unknown metric": {"expected_shape": [*SHAPE, 3], "eval_pairs": [{"fixed": image("3455"), "moving": image("3454")}],
-                       "evaluation_methods": [{"name": "m", "metric": "mse"}]},
-    "dice without labels": {"expected_shape": [*SHAPE, 3],
-                            "eval_pairs": [{"fixed": image("3455"), "moving": image("3454")}],
-                            "evaluation_methods": [{"name": "DSC", "metric": "dice"}]},
-    "tre without dest": {"expected_shape": [*SHAPE, 3],
-                         "eval_pairs": [{"fixed": image("3455"), "moving": image("3454")}],
-                         "evaluation_methods": [{"name": "TRE", "metric": "tre"}]},
-    "bad image name": {"expected_shape": [*SHAPE, 3], "eval_pairs": [{"fixed": "a.nii.gz", "moving": image("3454")}],
-                       "evaluation_methods": [{"name": "n", "metric": "ndv"}]},
+    "unknown metric": {
+        "expected_shape": [*SHAPE, 3],
+        "eval_pairs": [{"fixed": image("3455"), "moving": image("3454")}],
+        "evaluation_methods": [{"name": "m", "metric": "mse"}],
+    },
+    "dice without labels": {
+        "expected_shape": [*SHAPE, 3],
+        "eval_pairs": [{"fixed": image("3455"), "moving": image("3454")}],
+        "evaluation_methods": [{"name": "DSC", "metric": "dice"}],
+    },
+    "tre without dest": {
+        "expected_shape": [*SHAPE, 3],
+        "eval_pairs": [{"fixed": image("3455"), "moving": image("3454")}],
+        "evaluation_methods": [{"name": "TRE", "metric": "tre"}],
+    },
+    "bad image name": {
+        "expected_shape": [*SHAPE, 3],
+        "eval_pairs": [{"fixed": "a.nii.gz", "moving": image("3454")}],
+        "evaluation_methods": [{"name": "n", "metric": "ndv"}],
+    },
 }
 
 

@@ -18,10 +18,18 @@ import pytest
 CASES = [
     ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": False, "RESIDUAL": False}, {}),
     ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": True, "RESIDUAL": True}, {}),
-    ("warp", "_warp_forward_kernel", {"NEAREST": True, "BORDER": False, "RESIDUAL": False},
-     {"image_ptr": "*i32", "out_ptr": "*i32"}),
-    ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": False, "RESIDUAL": False},
-     {"image_ptr": "*fp16", "out_ptr": "*fp16"}),
+    (
+        "warp",
+        "_warp_forward_kernel",
+        {"NEAREST": True, "BORDER": False, "RESIDUAL": False},
+        {"image_ptr": "*i32", "out_ptr": "*i32"},
+    ),
+    (
+        "warp",
+        "_warp_forward_kernel",
+        {"NEAREST": False, "BORDER": False, "RESIDUAL": False},
+        {"image_ptr": "*fp16", "out_ptr": "*fp16"},
+    ),
     ("warp", "_warp_backward_kernel", {"BORDER": False, "IMAGE_GRAD": True, "DISP_GRAD": True}, {}),
     ("warp", "_warp_backward_kernel", {"BORDER": True, "IMAGE_GRAD": False, "DISP_GRAD": True}, {}),
     ("ncc", "_ncc_products_w_kernel", {"WINDOW": 9}, {"fixed_ptr": "*bf16", "moving_ptr": "*bf16"}),
@@ -58,11 +66,19 @@ def compiled():
     """Cubin size (bytes) or the compiler's error, per (case index, accumulator)."""
     jobs = [[*case, acc] for case in CASES for acc in ACCUMULATORS]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_ALL], input=json.dumps(jobs), capture_output=True,
-                          text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_ALL],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
-    return {(i, acc): results[i * len(ACCUMULATORS) + k] for i in range(len(CASES)) for k, acc in enumerate(ACCUMULATORS)}
+    return {
+        (i, acc): results[i * len(ACCUMULATORS) + k] for i in range(len(CASES)) for k, acc in enumerate(ACCUMULATORS)
+    }
 
 
 @pytest.mark.parametrize("acc", ACCUMULATORS)

@@ -10,7 +10,7 @@ from lumireg.kernels.ncc import local_ncc
 
 def voxelmorph_ncc(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> torch.Tensor:
     """VoxelMorph's NCC loss literally (without the minus sign), conv3d box sums, in float64."""
-    I, J = fixed.double().cpu(), moving.double().cpu()
+    I, J = fixed.double().cpu(), moving.double().cpu()  # noqa: E741 (VoxelMorph's names)
     channels = I.shape[1]
     ones = torch.ones(channels, 1, window, window, window, dtype=torch.float64)
 
@@ -237,8 +237,17 @@ def _volume(*shape, dtype=torch.float32):
         (_volume(1, 1, 6, 7, 8), _volume(1, 1, 6, 7, 8), 3.0, "auto", "odd"),
         (_volume(1, 1, 6, 7, 8), _volume(1, 1, 6, 7, 8), 3, "cuda", "backend"),
     ],
-    ids=["rank4", "spatial-mismatch", "batch-mismatch", "channel-mismatch", "int-dtype", "even-window",
-         "zero-window", "float-window", "bad-backend"],
+    ids=[
+        "rank4",
+        "spatial-mismatch",
+        "batch-mismatch",
+        "channel-mismatch",
+        "int-dtype",
+        "even-window",
+        "zero-window",
+        "float-window",
+        "bad-backend",
+    ],
 )
 def test_rejects_bad_inputs_with_value_error(fixed, moving, window, backend, match):
     with pytest.raises(ValueError, match=match):

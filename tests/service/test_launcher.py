@@ -35,12 +35,23 @@ def test_a_broken_repository_reports_the_server_log(tmp_path):
     assert "failed to read text proto" in str(error.value).split("its errors")[1]
 
 
-@pytest.mark.parametrize("stop,code", [(signal.SIGTERM, EXIT_OK), (signal.SIGINT, EXIT_INTERRUPTED)],
-                         ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize(
+    "stop,code", [(signal.SIGTERM, EXIT_OK), (signal.SIGINT, EXIT_INTERRUPTED)], ids=["sigterm", "ctrl-c"]
+)
 def test_serve_prints_its_endpoint_and_stops_cleanly(server, stop, code):
     ports = free_ports()
-    command = [sys.executable, "-m", "lumireg", "serve", "--grpc-port", str(ports.grpc),
-               "--http-port", str(ports.http), "--metrics-port", str(ports.metrics)]
+    command = [
+        sys.executable,
+        "-m",
+        "lumireg",
+        "serve",
+        "--grpc-port",
+        str(ports.grpc),
+        "--http-port",
+        str(ports.http),
+        "--metrics-port",
+        str(ports.metrics),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -10,9 +10,9 @@ from tritonclient.utils import InferenceServerException
 
 from lumireg.benchmarks.serving import scrape, total
 from lumireg.client.transport import payload_inputs
+from lumireg.contract import DEFAULT_PASSES, OUTPUT_NAMES
 from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
 from lumireg.kernels import warp
-from lumireg.contract import DEFAULT_PASSES, OUTPUT_NAMES
 
 
 def infer(client, outputs, parameters=None, **arrays):
@@ -82,19 +82,30 @@ def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_proce
     where swapping the images gives exactly the inverse."""
     in_process = in_process_one_pass
     one_pass = {"passes": 1}
-    swapped = {"fixed": np.concatenate([pair["fixed"], pair["moving"]]),
-               "moving": np.concatenate([pair["moving"], pair["fixed"]])}
+    swapped = {
+        "fixed": np.concatenate([pair["fixed"], pair["moving"]]),
+        "moving": np.concatenate([pair["moving"], pair["fixed"]]),
+    }
     batch = infer(client, ["displacement"], one_pass, **swapped).as_numpy("displacement")
     assert batch.shape == (2, 3, 160, 224, 192)
     assert np.abs(batch[:1] - in_process["displacement"]).max() <= 1e-3
     assert np.abs(batch[1:] - in_process["inverse_displacement"]).max() <= 1e-3  # swapping the images inverts
 
     results, pending = {}, []
-    for name, (f, m) in {"forward": (pair["fixed"], pair["moving"]), "swapped": (pair["moving"], pair["fixed"])}.items():
+    for name, (f, m) in {
+        "forward": (pair["fixed"], pair["moving"]),
+        "swapped": (pair["moving"], pair["fixed"]),
+    }.items():
         callback = lambda result, error, name=name: results.__setitem__(name, (result, error))  # noqa: E731
-        pending.append(client.async_infer("lumireg", payload_inputs(dict(fixed=f, moving=m)), callback,
-                                          outputs=[grpcclient.InferRequestedOutput("displacement")],
-                                          parameters=one_pass))
+        pending.append(
+            client.async_infer(
+                "lumireg",
+                payload_inputs(dict(fixed=f, moving=m)),
+                callback,
+                outputs=[grpcclient.InferRequestedOutput("displacement")],
+                parameters=one_pass,
+            )
+        )
     import time
 
     deadline = time.monotonic() + 120
@@ -112,8 +123,15 @@ def test_passes_parameter_chooses_the_cascade(client, pair, in_process_one_pass,
     assert np.abs(in_process["displacement"] - in_process_one_pass["displacement"]).max() > 0.1  # passes matter
 
 
-@pytest.mark.parametrize("parameters,words", [({"passes": 0}, ["passes", "1..4"]), ({"passes": 9}, ["passes", "1..4"]),
-                                              ({"passes": "two"}, ["passes", "int"]), ({"pases": 2}, ["pases"])])
+@pytest.mark.parametrize(
+    "parameters,words",
+    [
+        ({"passes": 0}, ["passes", "1..4"]),
+        ({"passes": 9}, ["passes", "1..4"]),
+        ({"passes": "two"}, ["passes", "int"]),
+        ({"pases": 2}, ["pases"]),
+    ],
+)
 def test_bad_parameters_are_refused_with_invalid_argument(client, server, pair, parameters, words):
     with pytest.raises(InferenceServerException) as error:
         infer(client, ["displacement_fp16"], parameters, fixed=pair["fixed"], moving=pair["moving"])
@@ -123,17 +141,32 @@ def test_bad_parameters_are_refused_with_invalid_argument(client, server, pair, 
 
 
 BAD_REQUESTS = {
-    "wrong dtype": (lambda p: dict(fixed=p["fixed"].astype(np.float32), moving=p["moving"]), ["displacement"],
-                    ["fixed", "UINT8"]),
-    "wrong shape": (lambda p: dict(fixed=p["fixed"][:, :, :80], moving=p["moving"]), ["displacement"],
-                    ["fixed", "[-1,1,160,224,192]"]),
+    "wrong dtype": (
+        lambda p: dict(fixed=p["fixed"].astype(np.float32), moving=p["moving"]),
+        ["displacement"],
+        ["fixed", "UINT8"],
+    ),
+    "wrong shape": (
+        lambda p: dict(fixed=p["fixed"][:, :, :80], moving=p["moving"]),
+        ["displacement"],
+        ["fixed", "[-1,1,160,224,192]"],
+    ),
     "missing input": (lambda p: dict(fixed=p["fixed"]), ["displacement"], ["moving"]),
-    "labels output without labels": (lambda p: dict(fixed=p["fixed"], moving=p["moving"]), ["warped_labels"],
-                                     ["moving_labels", "warped_labels"]),
-    "wrong label dtype": (lambda p: dict(fixed=p["fixed"], moving=p["moving"], moving_labels=p["moving"]),
-                          ["warped_labels"], ["moving_labels", "INT32"]),
-    "batch over the limit": (lambda p: dict(fixed=np.repeat(p["fixed"], 9, 0), moving=np.repeat(p["moving"], 9, 0)),
-                             ["displacement"], ["batch", "8"]),
+    "labels output without labels": (
+        lambda p: dict(fixed=p["fixed"], moving=p["moving"]),
+        ["warped_labels"],
+        ["moving_labels", "warped_labels"],
+    ),
+    "wrong label dtype": (
+        lambda p: dict(fixed=p["fixed"], moving=p["moving"], moving_labels=p["moving"]),
+        ["warped_labels"],
+        ["moving_labels", "INT32"],
+    ),
+    "batch over the limit": (
+        lambda p: dict(fixed=np.repeat(p["fixed"], 9, 0), moving=np.repeat(p["moving"], 9, 0)),
+        ["displacement"],
+        ["batch", "8"],
+    ),
 }
 
 
@@ -153,11 +186,15 @@ def test_metrics_hold_triton_and_lumireg_families(client, server, pair):
     before = scrape(server.metrics_url)
     infer(client, ["displacement", "qc"], fixed=pair["fixed"], moving=pair["moving"])
     after = scrape(server.metrics_url)
-    assert total(after, "nv_inference_request_success_total", model="lumireg") == \
-        total(before, "nv_inference_request_success_total", model="lumireg") + 1
+    assert (
+        total(after, "nv_inference_request_success_total", model="lumireg")
+        == total(before, "nv_inference_request_success_total", model="lumireg") + 1
+    )
     assert total(after, "lumireg_pairs_total") == total(before, "lumireg_pairs_total") + 1
     assert total(after, "lumireg_ndv_percent_count") == total(before, "lumireg_ndv_percent_count") + 1
     for stage in ("network", "integrate", "warp", "qc", "total"):
         count = total(after, "lumireg_stage_seconds_count", stage=stage)
         assert count == total(before, "lumireg_stage_seconds_count", stage=stage) + 1, stage
-        assert total(after, "lumireg_stage_seconds_sum", stage=stage) > total(before, "lumireg_stage_seconds_sum", stage=stage)
+        assert total(after, "lumireg_stage_seconds_sum", stage=stage) > total(
+            before, "lumireg_stage_seconds_sum", stage=stage
+        )

@@ -50,9 +50,12 @@ def test_label_table_matches_the_label_volume(canvas):
     assert set(np.unique(canvas.labels)) == {0, *LABELS}
     i, j, k = np.indices(CANVAS, sparse=True)
     sides = {
-        "left": i < canvas.centre[0], "right": i >= canvas.centre[0],
-        "posterior": j < canvas.centre[1], "anterior": j >= canvas.centre[1],
-        "inferior": k < canvas.centre[2], "superior": k >= canvas.centre[2],
+        "left": i < canvas.centre[0],
+        "right": i >= canvas.centre[0],
+        "posterior": j < canvas.centre[1],
+        "anterior": j >= canvas.centre[1],
+        "inferior": k < canvas.centre[2],
+        "superior": k >= canvas.centre[2],
     }
     for label, name in LABELS.items():
         tissue, *where = name.split("_")
@@ -63,16 +66,14 @@ def test_label_table_matches_the_label_volume(canvas):
 
 
 def test_tissue_labels_follow_t1_contrast(canvas):
-    mean = {
-        t: canvas.image[(canvas.labels - 1) // 8 == n].mean() for n, t in enumerate(TISSUES)
-    }
+    mean = {t: canvas.image[(canvas.labels - 1) // 8 == n].mean() for n, t in enumerate(TISSUES)}
     assert mean["csf"] < mean["gm"] < mean["wm"], mean
 
 
 def test_hemispheres_split_on_the_midsagittal_plane(canvas):
     # x = 0 mm is the mid-sagittal plane of the symmetric template
     assert (canvas.affine @ [canvas.centre[0], 0, 0, 1])[0] == 0
-    left, right = canvas.mask[: canvas.centre[0]].sum(), canvas.mask[canvas.centre[0]:].sum()
+    left, right = canvas.mask[: canvas.centre[0]].sum(), canvas.mask[canvas.centre[0] :].sum()
     assert abs(left - right) / (left + right) < 0.02
 
 

@@ -56,7 +56,9 @@ def test_training_run_writes_checkpoint_weights_log_and_plot(tmp_path):
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     straight = read_checkpoint(train(TrainConfig(**TINY), tmp_path / "straight"))
     train(TrainConfig(**{**TINY, "steps": 2}), tmp_path / "split")
-    resumed = read_checkpoint(train(TrainConfig(**TINY), tmp_path / "split", resume=tmp_path / "split" / "checkpoint.pt"))
+    resumed = read_checkpoint(
+        train(TrainConfig(**TINY), tmp_path / "split", resume=tmp_path / "split" / "checkpoint.pt")
+    )
     assert resumed["step"] == 4
     assert resumed["training"]["from_step"] == 2
     assert [c["from_step"] for c in resumed["training"]["earlier_commands"]] == [0]
@@ -73,9 +75,25 @@ def test_resume_from_weights_only_file_is_refused(tmp_path):
 def test_torchrun_with_two_cpu_processes_trains_one_model(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lumireg", "train", "--steps", "2", "--crop", "32,32,32", "--workers", "0",
-        "--log-every", "1", "--out", str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lumireg",
+        "train",
+        "--steps",
+        "2",
+        "--crop",
+        "32,32,32",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--out",
+        str(tmp_path),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -95,8 +113,13 @@ def test_torchrun_with_two_cpu_processes_trains_one_model(tmp_path):
 )
 def test_train_command_reports_bad_arguments_clearly(tmp_path, arguments, message):
     lumireg = str(Path(sys.executable).parent / "lumireg")
-    done = subprocess.run([lumireg, "train", "--out", str(tmp_path), "--workers", "0", *arguments],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [lumireg, "train", "--out", str(tmp_path), "--workers", "0", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert message in done.stderr
 

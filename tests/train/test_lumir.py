@@ -63,6 +63,7 @@ def test_training_pairs_are_two_distinct_images_with_their_data(dataset):
 
 def test_training_pairs_depend_only_on_seed_and_index(dataset):
     path, _ = dataset
+
     def order(pairs):
         return [(pairs[k]["fixed_path"], pairs[k]["moving_path"]) for k in range(20)]
 
@@ -116,8 +117,13 @@ def test_missing_json_names_the_path(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    ['{"training": [', '{"validation": []}', '{"training": [{"img": "a.nii.gz"}]}', '[1, 2]',
-     '{"training": [{"image": "a.nii.gz", "label": 3}]}'],
+    [
+        '{"training": [',
+        '{"validation": []}',
+        '{"training": [{"img": "a.nii.gz"}]}',
+        "[1, 2]",
+        '{"training": [{"image": "a.nii.gz", "label": 3}]}',
+    ],
 )
 def test_malformed_json_names_the_path(tmp_path, content):
     path = tmp_path / "broken.json"

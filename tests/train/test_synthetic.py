@@ -29,8 +29,9 @@ def full_pairs():
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Per-label Dice over LABELS."""
-    return np.array([2 * ((a == n) & (b == n)).sum().item() / max(1, ((a == n).sum() + (b == n).sum()).item())
-                     for n in LABELS])
+    return np.array(
+        [2 * ((a == n) & (b == n)).sum().item() / max(1, ((a == n).sum() + (b == n).sum()).item()) for n in LABELS]
+    )
 
 
 def _jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
