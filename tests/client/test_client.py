@@ -461,7 +461,7 @@ class _Refusing:
     def __init__(self, status: str, message: str):
         self.status, self.message, self.calls, self.resets = status, message, 0, 0
 
-    def infer(self, client, inputs, outputs, timeout):
+    def infer(self, client, inputs, outputs, timeout, parameters=None):
         self.calls += 1
         raise InferenceServerException(self.message, status=self.status)
 
