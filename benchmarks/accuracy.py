@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from lumireg.benchmarks.machine import cpu_model, header, slug
 from lumireg.contract import (
-    DEFAULT_PASSES,
     EXIT_MISSING_DEPENDENCY,
     EXIT_OK,
     EXIT_USAGE,
@@ -52,7 +51,9 @@ from lumireg.evaluate import (
     warp_labels_nearest,
 )
 
-METHODS = ("none", "syn", "lumireg", "lumireg-cascade")  # lumireg-cascade: the service's default passes
+# lumireg: the network alone (the service's default, passes=1); lumireg-2passes: the request parameter passes=2
+METHODS = ("none", "syn", "lumireg", "lumireg-2passes")
+PASSES = {"lumireg": 1, "lumireg-2passes": 2}
 METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
 SETS = {  # name -> where its pairs come from
     "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
@@ -103,7 +104,7 @@ REGISTER = {
     "none": _register_none,
     "syn": _register_syn,
     "lumireg": _register_lumireg,  # the network alone
-    "lumireg-cascade": lambda fixed, moving, model: _register_lumireg(fixed, moving, model, DEFAULT_PASSES),
+    "lumireg-2passes": lambda fixed, moving, model: _register_lumireg(fixed, moving, model, PASSES["lumireg-2passes"]),
 }
 
 
@@ -268,7 +269,7 @@ def benchmark(
                 "set": set_name,
                 "method": method,
                 "checkpoint": str(checkpoint or "bundled default") if method.startswith("lumireg") else None,
-                "passes": {"lumireg": 1, "lumireg-cascade": DEFAULT_PASSES}.get(method),
+                "passes": PASSES.get(method),
                 "shape": list(sample["fixed"].shape[1:]),
                 "pairs": len(rows[method]),
                 "summary": _summary(rows[method]),

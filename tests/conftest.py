@@ -105,6 +105,6 @@ def in_process(pair):
 
 
 @pytest.fixture(scope="session")
-def in_process_one_pass(pair):
-    """The network alone (``passes=1``), computed in process."""
-    return _in_process(pair, 1)
+def in_process_two_passes(pair):
+    """Two network passes, composed, computed in process."""
+    return _in_process(pair, 2)

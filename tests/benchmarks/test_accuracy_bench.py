@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lumireg.cli import build_parser
-from lumireg.contract import DEFAULT_PASSES, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
+from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 
 
 def _process_age() -> float:
@@ -24,7 +24,7 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     assert list(sets) == ["synthetic", "independent"]  # both by default
     assert (sets["synthetic"]["labels"], sets["independent"]["labels"]) == (24, 54)
     assert [sorted(entries["methods"]) for entries in sets.values()] == [
-        ["lumireg", "lumireg-cascade", "none", "syn"]
+        ["lumireg", "lumireg-2passes", "none", "syn"]
     ] * 2
     assert sets["independent"]["methods"]["none"]["pairs"] == 2
     table = sets["synthetic"]["methods"]
@@ -47,9 +47,9 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
         assert summary["none"] < 0.01 * summary["syn"], (set_name, summary)
     assert sum(timed) < _process_age(), (sum(timed), _process_age())
     # an untrained network starts at the identity: it scores as no registration does
-    for method in ("lumireg", "lumireg-cascade"):
+    for method in ("lumireg", "lumireg-2passes"):
         assert abs(table[method]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
-    assert (table["lumireg"]["passes"], table["lumireg-cascade"]["passes"]) == (1, DEFAULT_PASSES)
+    assert (table["lumireg"]["passes"], table["lumireg-2passes"]["passes"]) == (1, 2)
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -77,10 +77,10 @@ def test_no_outputs_named_gives_all_that_can_be_made(client, pair):
     assert returned(result) == set(OUTPUT_NAMES) - {"warped_labels"}
 
 
-def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process_one_pass):
+def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process):
     """Two pairs in one request, and two requests in flight (the dynamic batcher may merge them); one pass,
     where swapping the images gives exactly the inverse."""
-    in_process = in_process_one_pass
+    assert DEFAULT_PASSES == 1  # in_process is then the one-pass reference
     one_pass = {"passes": 1}
     swapped = {
         "fixed": np.concatenate([pair["fixed"], pair["moving"]]),
@@ -116,11 +116,11 @@ def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_proce
     assert np.abs(results["swapped"][0].as_numpy("displacement") - in_process["inverse_displacement"]).max() <= 1e-3
 
 
-def test_passes_parameter_chooses_the_cascade(client, pair, in_process_one_pass, in_process):
-    alone = infer(client, ["displacement", "qc"], {"passes": 1}, fixed=pair["fixed"], moving=pair["moving"])
-    assert np.abs(alone.as_numpy("displacement") - in_process_one_pass["displacement"]).max() <= 1e-3
-    assert json.loads(alone.as_numpy("qc")[0, 0])["passes"] == 1
-    assert np.abs(in_process["displacement"] - in_process_one_pass["displacement"]).max() > 0.1  # passes matter
+def test_passes_parameter_chooses_the_cascade(client, pair, in_process_two_passes, in_process):
+    cascade = infer(client, ["displacement", "qc"], {"passes": 2}, fixed=pair["fixed"], moving=pair["moving"])
+    assert np.abs(cascade.as_numpy("displacement") - in_process_two_passes["displacement"]).max() <= 1e-3
+    assert json.loads(cascade.as_numpy("qc")[0, 0])["passes"] == 2
+    assert np.abs(in_process_two_passes["displacement"] - in_process["displacement"]).max() > 0.1  # passes matter
 
 
 @pytest.mark.parametrize(
