@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from lumireg.contract import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from lumireg.contract import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from lumireg.export import repository
 from lumireg.service.server import EmbeddedServer, Ports, ServerError
 
@@ -29,9 +29,10 @@ def ensure_exported(root, log=print) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``lumireg serve`` until SIGTERM (``EXIT_OK``) or Ctrl-C (``EXIT_INTERRUPTED``); ``EXIT_USAGE`` when the
-    server cannot start (a port in use, not a model repository, no tritonserver: the message says which),
-    ``EXIT_FAILURE`` when it exits by itself. Exit codes of :mod:`lumireg.contract`."""
+    """``lumireg serve`` until SIGTERM (``EXIT_OK``) or Ctrl-C (``EXIT_INTERRUPTED``). When the server cannot
+    start: ``EXIT_USAGE`` (a port in use, not a model repository), ``EXIT_MISSING_DEPENDENCY`` (no
+    tritonserver here), ``EXIT_FAILURE`` (it died or never became ready); ``EXIT_FAILURE`` too when it exits by
+    itself. The message says which. Exit codes of :mod:`lumireg.contract`."""
     ports = Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     server = EmbeddedServer(args.repository, host=args.host, ports=ports, verbose=args.log_verbose)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except ServerError as exc:
         print(f"lumireg serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except _Terminated:
         print("lumireg serve: stopping", file=sys.stderr, flush=True)
         return EXIT_OK

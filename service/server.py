@@ -31,9 +31,25 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_USAGE
+
 
 class ServerError(RuntimeError):
-    """The server could not start (or stopped); the message says why."""
+    """The server could not start (or stopped); the message says why. ``exit_code``: the contract's code for it."""
+
+    exit_code = EXIT_USAGE  # a port in use, not a model repository: the caller's to fix
+
+
+class ServerMissing(ServerError):
+    """No usable tritonserver here (nvidia-pytriton absent, or without a binary or a stub for this Python)."""
+
+    exit_code = EXIT_MISSING_DEPENDENCY
+
+
+class ServerFailed(ServerError):
+    """tritonserver ran but died or never became ready; its log says why."""
+
+    exit_code = EXIT_FAILURE
 
 
 @dataclass(frozen=True)
@@ -47,10 +63,10 @@ def tritonserver_home() -> Path:
     """The ``pytriton/tritonserver`` folder of the installed nvidia-pytriton wheel."""
     spec = find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError("the embedded Triton server needs the nvidia-pytriton wheel: pip install 'lumireg[server]'")
+        raise ServerMissing("the embedded Triton server needs the nvidia-pytriton wheel: pip install 'lumireg[server]'")
     home = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     if not (home / "bin" / "tritonserver").is_file():
-        raise ServerError(f"no tritonserver binary in {home / 'bin'}; reinstall nvidia-pytriton")
+        raise ServerMissing(f"no tritonserver binary in {home / 'bin'}; reinstall nvidia-pytriton")
     return home
 
 
@@ -61,7 +77,7 @@ def backend_directory(home: Path) -> Path:
     target = home / "backends" / "python" / stub.name
     if not stub.is_file():
         available = sorted(p.name for p in (home / "python_backend_stubs").iterdir())
-        raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version} (it has {available})")
+        raise ServerMissing(f"nvidia-pytriton has no python backend stub for Python {version} (it has {available})")
     if not target.is_file() or target.stat().st_size != stub.stat().st_size:
         try:
             shutil.copy2(stub, target)
@@ -188,12 +204,12 @@ class EmbeddedServer:
             code = self.process.poll()
             if code is not None:
                 self.process = None
-                raise ServerError(f"tritonserver exited with code {code} while starting{self._log_hint()}")
+                raise ServerFailed(f"tritonserver exited with code {code} while starting{self._log_hint()}")
             if self.ready():
                 return
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s{self._log_hint()}")
+        raise ServerFailed(f"tritonserver was not ready after {timeout:.0f} s{self._log_hint()}")
 
     def _log_hint(self) -> str:
         if not self.log:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lumireg.contract import EXIT_INTERRUPTED, EXIT_OK
+from lumireg.contract import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 from lumireg.export.repository import SOURCE_REPOSITORY
 from lumireg.service.server import EmbeddedServer, ServerError, free_ports, port_in_use
 
@@ -23,8 +23,9 @@ def test_a_taken_port_is_named(tmp_path):
 
 
 def test_a_folder_that_is_not_a_repository_is_refused(tmp_path):
-    with pytest.raises(ServerError, match="not a lumireg model repository"):
+    with pytest.raises(ServerError, match="not a lumireg model repository") as error:
         EmbeddedServer(tmp_path, ports=free_ports()).start()
+    assert error.value.exit_code == EXIT_USAGE
 
 
 def test_a_broken_repository_reports_the_server_log(tmp_path):
@@ -33,6 +34,29 @@ def test_a_broken_repository_reports_the_server_log(tmp_path):
     with pytest.raises(ServerError, match="tritonserver exited with code") as error:
         EmbeddedServer(tmp_path, ports=free_ports(), log=tmp_path / "log.txt").start(timeout=120)
     assert "failed to read text proto" in str(error.value).split("its errors")[1]
+    assert error.value.exit_code == EXIT_FAILURE  # it ran and died: not the caller's usage
+
+
+def test_serve_without_nvidia_pytriton_exits_with_missing_dependency(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from lumireg.service import runner, server
+
+    monkeypatch.setattr(server, "find_spec", lambda name: None)
+    monkeypatch.setattr(runner, "ensure_exported", lambda root: None)
+    monkeypatch.setattr(runner.signal, "signal", lambda *_: None)  # this test process keeps its own SIGTERM
+    ports = free_ports()
+    args = argparse.Namespace(
+        repository=str(SOURCE_REPOSITORY),
+        host="127.0.0.1",
+        grpc_port=ports.grpc,
+        http_port=ports.http,
+        metrics_port=ports.metrics,
+        timeout=5.0,
+        log_verbose=0,
+    )
+    assert runner.run(args) == EXIT_MISSING_DEPENDENCY
+    assert "nvidia-pytriton" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
