@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from lumireg.contract import ENTRY_MODEL
+from lumireg.contract import ENTRY_MODEL, intensities_to_uint8
 from lumireg.service.server import ServerError
 
 # Triton's cumulative per-model counters, microseconds, -> the names the reports use (per request, ms)
@@ -142,10 +142,7 @@ def sample_batch(batch: int) -> dict[str, np.ndarray]:
     from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
 
     pair = synthetic_pair(evaluation_seeds(1)[0], labels=False)
-    return {
-        k: np.repeat(np.clip(np.rint(pair[k].numpy() * 255), 0, 255).astype(np.uint8)[None], batch, 0)
-        for k in ("fixed", "moving")
-    }
+    return {k: np.repeat(intensities_to_uint8(pair[k].numpy())[None], batch, 0) for k in ("fixed", "moving")}
 
 
 def latency_summary(seconds: list[float]) -> dict:

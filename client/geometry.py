@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lumireg.contract import CANVAS, CANVAS_SPACING_MM
+from lumireg.contract import CANVAS, CANVAS_SPACING_MM, intensities_to_uint8
 
 _CENTRE = (np.array(CANVAS, dtype=np.float64) - 1) / 2
 _SLAB_VOXELS = 1 << 21  # fixed-grid voxels per slab: keeps the float64 temporaries at ~50 MB each
@@ -130,7 +130,7 @@ def to_canvas(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Placeme
         mode="grid-constant",
         cval=float(lo),
     )
-    canvas = np.rint(np.clip((canvas - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    canvas = intensities_to_uint8((canvas - lo) / (hi - lo))
     return canvas, Placement(data.shape, affine, canvas_affine, False)
 
 
