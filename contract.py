@@ -118,7 +118,7 @@ NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
 # --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
 # name -> (type, default, lowest, highest, meaning); a request outside the bounds gets INVALID_ARGUMENT
 PARAMETERS: dict[str, tuple[type, object, object, object, str]] = {
-    # default 1: on a 2-core CPU a second pass costs about 2.9x the time of one (measured) for +0.02 Dice
+    # default 1, the fastest; a second pass adds Dice at about 2.9x the CPU time (README, "Benchmarks")
     "passes": (
         int,
         1,
