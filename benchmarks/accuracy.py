@@ -90,14 +90,12 @@ def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, passes: int 
     """The network in PyTorch, ``passes`` passes as the server runs them (uint8 images between passes)."""
     import torch
 
+    from lumireg.export.onnx import VelocityGraph
     from lumireg.network.cascade import cascade
-
-    def network(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return model.velocity(f.float() / 255, m.float() / 255)
 
     with torch.inference_mode():
         pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
-        return cascade(network, *pair, passes, model.config.steps)[0][0].numpy()
+        return cascade(VelocityGraph(model), *pair, passes, model.config.steps)[0][0].numpy()
 
 
 REGISTER = {

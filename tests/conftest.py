@@ -86,15 +86,14 @@ def pair():
 def _in_process(pair, passes: int) -> dict:
     """The bundled network in PyTorch on the test pair, ``passes`` passes as the server runs them (uint8 between
     passes): forward and inverse displacement, float32."""
+    from lumireg.export.onnx import VelocityGraph
     from lumireg.network.cascade import cascade, cascade_inverse
     from lumireg.network.checkpoint import load_model
 
     model = load_model()
     fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
     with torch.no_grad():
-        forward, velocities = cascade(
-            lambda f, m: model.velocity(f.float() / 255, m.float() / 255), fixed, moving, passes
-        )
+        forward, velocities = cascade(VelocityGraph(model), fixed, moving, passes)
         return {"displacement": forward.numpy(), "inverse_displacement": cascade_inverse(velocities).numpy()}
 
 
