@@ -15,6 +15,7 @@ trilinear, voxel centres at integer coordinates.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # --- the canvas: LUMIR's grid -------------------------------------------------------------------------
 CANVAS = (160, 224, 192)  # voxels along i, j, k
@@ -105,7 +106,7 @@ OUTPUTS = (
     ("inverse_displacement", "TYPE_FP32", (3, *CANVAS)),  # pulls the fixed image onto the moving grid
     ("warped", "TYPE_FP32", (1, *CANVAS)),  # moving resampled onto the fixed grid, trilinear, 0..255
     ("warped_labels", "TYPE_INT32", (1, *CANVAS)),  # moving_labels resampled, nearest neighbour
-    ("qc", "TYPE_STRING", (1,)),  # UTF-8 JSON, see lumireg.service.pipeline.quality_report
+    ("qc", "TYPE_STRING", (1,)),  # UTF-8 JSON, see lumireg.service.quality.quality_report
 )
 OUTPUT_NAMES = tuple(name for name, *_ in OUTPUTS)
 
@@ -116,20 +117,69 @@ NETWORK_INPUT_NAMES = tuple(name for name, *_ in NETWORK_INPUTS)
 NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
 
 # --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
-# name -> (type, default, lowest, highest, meaning); a request outside the bounds gets INVALID_ARGUMENT
-PARAMETERS: dict[str, tuple[type, object, object, object, str]] = {
+MAX_REFINE_STEPS = 200  # a request asking for more refinement steps gets INVALID_ARGUMENT
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One request parameter: its type, default and allowed values (``low..high`` for ints, ``choices`` for str)."""
+
+    kind: type
+    default: int | str
+    meaning: str
+    low: int | None = None
+    high: int | None = None
+    choices: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        """The allowed values as the README and error messages write them: ``1..4`` or ``ncc | mi``."""
+        return " | ".join(self.choices) if self.choices else f"{self.low}..{self.high}"
+
+    def check(self, name: str, value) -> int | str:
+        """``value`` converted to :attr:`kind`; ``ValueError`` naming ``name`` if of the wrong type or not allowed."""
+        if self.kind is str:
+            if not isinstance(value, str) or value not in self.choices:
+                raise ValueError(f"request parameter {name!r} must be one of {self.allowed()}, got {value!r}")
+            return value
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = self.kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"request parameter {name!r} must be {self.kind.__name__}, got {value!r}") from None
+        if not self.low <= value <= self.high:
+            raise ValueError(f"request parameter {name!r} must be in {self.allowed()}, got {value}")
+        return value
+
+
+# a request outside the allowed values gets INVALID_ARGUMENT
+PARAMETERS: dict[str, Parameter] = {
     # default 1, the fastest; a second pass adds Dice at about 2.9x the CPU time (README, "Benchmarks")
-    "passes": (
+    "passes": Parameter(
         int,
         1,
-        1,
-        4,
         "network passes: each registers the fixed image to the moving one warped by the "
         "passes before it, and the transforms compose (1 = the network alone)",
+        low=1,
+        high=4,
+    ),
+    "refine": Parameter(
+        int,
+        0,
+        "instance optimisation steps on the last pass's velocity at half resolution "
+        "(symmetric similarity + smoothness, still integrated by scaling and squaring; 0 = the network alone)",
+        low=0,
+        high=MAX_REFINE_STEPS,
+    ),
+    "similarity": Parameter(
+        str,
+        "ncc",
+        "refinement's similarity: ncc (local NCC, same contrast) or mi (mutual information, across contrasts)",
+        choices=("ncc", "mi"),
     ),
 }
 
-DEFAULT_PASSES = PARAMETERS["passes"][1]
+DEFAULT_PASSES = PARAMETERS["passes"].default
 
 
 def request_parameters(given: dict) -> dict:
@@ -137,24 +187,21 @@ def request_parameters(given: dict) -> dict:
 
     ``given`` maps names to values as they arrive (Triton sends ints as ints,
     a string parameter as a string; a numeric string is accepted for an int).
-    ``ValueError`` names an unknown parameter, or a value of the wrong type or out of bounds.
+    ``ValueError`` names an unknown parameter, or a value of the wrong type or not allowed.
     """
     unknown = sorted(set(given) - set(PARAMETERS))
     if unknown:
         raise ValueError(f"unknown request parameter(s) {unknown}; lumireg takes {sorted(PARAMETERS)}")
-    chosen = {}
-    for name, (kind, default, lowest, highest, _) in PARAMETERS.items():
-        value = given.get(name, default)
-        try:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            value = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"request parameter {name!r} must be {kind.__name__}, got {value!r}") from None
-        if not lowest <= value <= highest:
-            raise ValueError(f"request parameter {name!r} must be in {lowest}..{highest}, got {value}")
-        chosen[name] = value
-    return chosen
+    return {name: parameter.check(name, given.get(name, parameter.default)) for name, parameter in PARAMETERS.items()}
+
+
+# --- quality-control warnings: qc["warnings"] holds {"code", "message"} for each that applies -------------
+NDV_WARNING_PERCENT = 0.01  # non-diffeomorphic volume above this (% of the moving brain) is flagged as folding
+QC_WARNINGS = {
+    "similarity_decreased": "the warped moving image matches the fixed image worse than before registration",
+    "folding": f"the field folds: non-diffeomorphic volume above {NDV_WARNING_PERCENT} % of the brain",
+    "refinement_not_converged": "refinement did not converge: its similarity ended no better than it started",
+}
 
 
 # --- the model repository's files -------------------------------------------------------------------------

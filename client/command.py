@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lumireg.contract import (
-    DEFAULT_PASSES,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -142,6 +141,11 @@ def _save_submission(result, target: Path, fp16: bool) -> None:
     partial.replace(target)
 
 
+def _parameters(args) -> dict:
+    """The request parameters given on the command line (None: the server's default)."""
+    return {name: getattr(args, name) for name in PARAMETERS}
+
+
 def _single(args, client, requested: tuple[str, ...] | None) -> int:
     from lumireg.client.registration import FILES, default_outputs
 
@@ -226,7 +230,7 @@ def _batch(args, client, requested: tuple[str, ...] | None) -> int:
             moving_labels=job.pair.moving_labels,
             precision=args.precision,
             field_format=args.field_format,
-            passes=args.passes,
+            **_parameters(args),
         )
         if args.lumir_submission:
             _save_submission(result, job.target, args.fp16)
@@ -373,14 +377,14 @@ def add_parser(sub) -> None:
         help="batch: write the challenge's disp_{fixedID}_{movingID}.nii.gz files",
     )
     register.add_argument("--fp16", action="store_true", help="with --lumir-submission: float16 .npz files")
-    low, high = PARAMETERS["passes"][2:4]
-    register.add_argument(
-        "--passes",
-        type=int,
-        choices=range(low, high + 1),
-        metavar=f"{{{low}..{high}}}",
-        help=f"network passes, each on the pair warped by the ones before (default: the server's, {DEFAULT_PASSES})",
-    )
+    for name, parameter in PARAMETERS.items():  # the request parameters, as the contract defines them
+        register.add_argument(
+            f"--{name}",
+            type=parameter.kind,
+            choices=parameter.choices or range(parameter.low, parameter.high + 1),
+            metavar=f"{{{parameter.allowed().replace(' ', '')}}}",
+            help=f"{parameter.meaning} (default: the server's, {parameter.default})",
+        )
     register.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default: 600)")
     register.add_argument(
         "--retry-seconds",

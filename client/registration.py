@@ -248,6 +248,8 @@ class RegistrationClient:
         precision: str = "float16",
         field_format: str = "lumir",
         passes: int | None = None,
+        refine: int | None = None,
+        similarity: str | None = None,
     ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
@@ -263,6 +265,10 @@ class RegistrationClient:
                 ``"float32"`` for the displacement fields.
             field_format: ``"lumir"``, or ``"itk"`` to also get ``displacement_itk``.
             passes: network passes (request parameter ``passes``, 1..4); None: the server's default.
+            refine: instance optimisation steps on the server (request parameter ``refine``,
+                0..:data:`~lumireg.contract.MAX_REFINE_STEPS`); None: the server's default.
+            similarity: refinement's similarity, ``"ncc"`` (same contrast) or ``"mi"``
+                (across contrasts); None: the server's default.
 
         Returns:
             a :class:`RegistrationResult` holding the outputs asked for, each
@@ -274,7 +280,10 @@ class RegistrationClient:
             refused (its message included). ServerUnavailable: no server.
         """
         start = time.perf_counter()
-        parameters = None if passes is None else {"passes": request_parameters({"passes": passes})["passes"]}
+        given = {"passes": passes, "refine": refine, "similarity": similarity}
+        given = {name: value for name, value in given.items() if value is not None}
+        # checked here so a bad value fails before any image is read; only the given ones are sent
+        parameters = {name: request_parameters(given)[name] for name in given} or None
         if outputs is None:
             outputs = default_outputs(moving_labels is not None)
         outputs = _checked_outputs(outputs, precision, field_format, moving_labels is not None)

@@ -80,3 +80,41 @@ def test_lumir_names_follow_the_official_evaluator(fixed, moving, expected):
 
 def test_displacement_file_stem_without_modalities_is_lumirs_name():
     assert contract.displacement_file_stem("3455", "3454") == "disp_3455_3454"
+
+
+def parameter_rows() -> list[str]:
+    """The README's request-parameter table rows, written from :data:`lumireg.contract.PARAMETERS`."""
+    return [
+        f"| `{name}` | {p.kind.__name__} | {p.default} | {p.allowed().replace('|', chr(92) + '|')} | {p.meaning} |"
+        for name, p in contract.PARAMETERS.items()
+    ]
+
+
+def test_readme_lists_exactly_the_contract_request_parameters():
+    section = README.read_text().split("Request parameters (", 1)[1].split("\n\n", 2)[1]
+    listed = [line for line in section.splitlines() if line.startswith("| `")]
+    expected = parameter_rows()
+    assert listed == expected, "README's request-parameter table should read:\n" + "\n".join(expected)
+
+
+def test_request_parameters_fill_defaults_and_convert_numeric_strings():
+    chosen = contract.request_parameters({"passes": "2", "similarity": "mi"})
+    assert chosen == {"passes": 2, "refine": 0, "similarity": "mi"}
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"passes": 0}, r"'passes' must be in 1\.\.4, got 0"),
+        ({"refine": contract.MAX_REFINE_STEPS + 1}, rf"'refine' must be in 0\.\.{contract.MAX_REFINE_STEPS}"),
+        ({"refine": 2.5}, "'refine' must be int, got 2.5"),
+        ({"refine": True}, "'refine' must be int"),
+        ({"similarity": "ssd"}, r"'similarity' must be one of ncc \| mi, got 'ssd'"),
+        ({"similarity": ""}, "'similarity' must be one of"),
+        ({"similarity": 1}, "'similarity' must be one of"),
+        ({"steps": 3}, r"unknown request parameter\(s\) \['steps'\]"),
+    ],
+)
+def test_request_parameters_refuse_what_the_contract_does_not_allow(given, message):
+    with pytest.raises(ValueError, match=message):
+        contract.request_parameters(given)
