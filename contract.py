@@ -204,6 +204,46 @@ QC_WARNINGS = {
 }
 
 
+# --- access and transport security (lumireg serve --access-key-file / --tls-*, the client's options) --------
+# Triton's restricted protocols: each call of a listed group must carry a header with the expected value.
+# gRPC takes the header as GRPC_RESTRICTED_PREFIX + name; HTTP as the name itself. Health stays open for probes.
+ACCESS_KEY_HEADER = "lumireg-access-key"
+ACCESS_KEY_ENV = "LUMIREG_ACCESS_KEY"  # where the client looks for the key when no --access-key-file is given
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
+RESTRICTED_PROTOCOLS = (
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+# Beyond loopback, the shared-memory API answers only callers that can read this host's local secret file
+SHARED_MEMORY_HEADER = "lumireg-shm-key"
+ACCESS_KEY_MIN_CHARS, ACCESS_KEY_MAX_CHARS = 16, 512
+_ACCESS_KEY = re.compile(r"[A-Za-z0-9._~+/-]+")  # printable, no separators Triton's flag or HTTP headers parse
+
+
+def check_access_key(text: str, source: str) -> str:
+    """The access key in ``text`` (surrounding whitespace dropped); ``ValueError`` naming ``source``, never the key,
+    unless it is 16..512 characters of ``A-Z a-z 0-9 . _ ~ + / -`` (``openssl rand -hex 32`` makes one)."""
+    key = text.strip()
+    if not ACCESS_KEY_MIN_CHARS <= len(key) <= ACCESS_KEY_MAX_CHARS or not _ACCESS_KEY.fullmatch(key):
+        raise ValueError(
+            f"{source}: an access key must be {ACCESS_KEY_MIN_CHARS}..{ACCESS_KEY_MAX_CHARS} characters of "
+            f"A-Z a-z 0-9 . _ ~ + / - (make one with `openssl rand -hex 32`)"
+        )
+    return key
+
+
+def shared_memory_secret_path(grpc_port: int) -> str:
+    """The local file (mode 0600) holding the shared-memory secret of a server listening beyond loopback on
+    ``grpc_port``: in ``/dev/shm``, so exactly the callers that could map the server's regions can read it."""
+    return f"/dev/shm/lumireg-{int(grpc_port)}.shm-key"
+
+
 # --- the model repository's files -------------------------------------------------------------------------
 ONNX_FILE = "model.onnx"  # the network graph (python and onnxruntime_onnx variants)
 PLAN_FILE = "model.plan"  # the TensorRT plan (tensorrt_plan variant)

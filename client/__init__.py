@@ -8,7 +8,15 @@ with RegistrationClient("localhost:8001") as client:
 ```
 """
 
-__all__ = ["InputError", "LumiregError", "RegistrationClient", "RegistrationResult", "ServerUnavailable"]
+__all__ = [
+    "AccessDenied",
+    "Credentials",
+    "InputError",
+    "LumiregError",
+    "RegistrationClient",
+    "RegistrationResult",
+    "ServerUnavailable",
+]
 
 
 def __getattr__(name: str):

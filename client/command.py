@@ -12,7 +12,8 @@ evaluators read). Every file is written whole or not at all, so a batch can be
 stopped and started again: finished pairs are skipped.
 
 Exit codes (:mod:`lumireg.contract`): 0 all done, 1 some pair failed or the
-server refused, 2 bad input or usage, 3 no server, 130 interrupted (Ctrl-C or SIGTERM).
+server refused, 2 bad input or usage (a missing or refused access key too), 3 no
+server, 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lumireg.contract import (
+    ACCESS_KEY_ENV,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -271,6 +273,31 @@ def _requested_outputs(text: str | None) -> tuple[str, ...] | None:
     return outputs
 
 
+def _credentials(args):
+    """TLS files and the access key from the command line (or ``$LUMIREG_ACCESS_KEY``); ``ValueError`` if unreadable."""
+    from lumireg.client.security import Credentials, read_access_key
+
+    return Credentials(
+        tls=getattr(args, "tls", False),
+        tls_ca=getattr(args, "tls_ca", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        access_key=read_access_key(getattr(args, "access_key_file", None)),
+    )
+
+
+def add_security_arguments(parser) -> None:
+    """``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--access-key-file`` (any client command)."""
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (implied by the --tls-* options)")
+    parser.add_argument("--tls-ca", help="PEM CA certificate that signed the server's (default: the system's roots)")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for a server with mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--access-key-file",
+        help=f"file holding the server's access key (default: ${ACCESS_KEY_ENV} if set); never printed",
+    )
+
+
 def _usage_error(args) -> str | None:
     if bool(args.pairs) == bool(args.fixed and args.moving) or (args.fixed and not args.moving):
         return "give FIXED MOVING, or --pairs PAIRS"
@@ -283,7 +310,13 @@ def run(args: argparse.Namespace) -> int:
     """``lumireg register``; returns an exit code of :mod:`lumireg.contract` (one line on stderr when not 0)."""
     from tritonclient.utils import InferenceServerException
 
-    from lumireg.client.registration import InputError, LumiregError, RegistrationClient, ServerUnavailable
+    from lumireg.client.registration import (
+        AccessDenied,
+        InputError,
+        LumiregError,
+        RegistrationClient,
+        ServerUnavailable,
+    )
 
     problem = _usage_error(args)
     if problem:
@@ -299,18 +332,25 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             retry_seconds=args.retry_seconds,
             concurrency=args.concurrency,
+            credentials=_credentials(args),
         ) as client:
             try:
                 live = client.client.is_server_live(client_timeout=10)
             except InferenceServerException:
                 live = False
             if not live:
-                raise ServerUnavailable(f"no lumireg server answers at {args.url}; start one with `lumireg serve`")
+                raise ServerUnavailable(
+                    f"no lumireg server answers at {args.url}{client.unreachable_reason()}; "
+                    "start one with `lumireg serve`"
+                )
+            refused = client.access_problem()
+            if refused:
+                raise AccessDenied(refused)
             return _batch(args, client, requested) if args.pairs else _single(args, client, requested)
     except ServerUnavailable as exc:
         print(f"lumireg register: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (InputError, ValueError, FileNotFoundError) as exc:
+    except (AccessDenied, InputError, ValueError, FileNotFoundError) as exc:
         print(f"lumireg register: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except LumiregError as exc:
@@ -385,6 +425,7 @@ def add_parser(sub) -> None:
             metavar=f"{{{parameter.allowed().replace(' ', '')}}}",
             help=f"{parameter.meaning} (default: the server's, {parameter.default})",
         )
+    add_security_arguments(register)
     register.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default: 600)")
     register.add_argument(
         "--retry-seconds",

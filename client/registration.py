@@ -26,12 +26,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from lumireg.client import geometry
+from lumireg.client.security import Credentials, diagnose, grpc_client, shared_memory_headers
 from lumireg.client.transport import GrpcTransport, SharedMemoryTransport
-from lumireg.contract import ENTRY_MODEL, request_parameters
+from lumireg.contract import ACCESS_KEY_ENV, ACCESS_KEY_HEADER, ENTRY_MODEL, request_parameters
 
 RESULT_OUTPUTS = ("displacement", "inverse_displacement", "warped", "warped_labels", "qc")
 DEFAULT_OUTPUTS = ("displacement", "warped")  # and warped_labels when moving labels are given
@@ -50,6 +50,7 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 # client's shared memory regions (registered again before the retry).
 RETRY_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND"})
 DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
+UNAVAILABLE = "StatusCode.UNAVAILABLE"
 
 
 class LumiregError(RuntimeError):
@@ -62,6 +63,10 @@ class InputError(LumiregError, ValueError):
 
 class ServerUnavailable(LumiregError):
     """No server answered at the URL, even after retrying."""
+
+
+class AccessDenied(LumiregError):
+    """The server is up but refuses this client: no access key, a wrong one, or shared memory not allowed."""
 
 
 @dataclass
@@ -164,6 +169,8 @@ class RegistrationClient:
         retry_seconds: how long to keep retrying, with exponential backoff,
             while the server is unavailable (restarting, not up yet).
         concurrency: requests this client may have in flight at once (threads).
+        credentials: TLS files and the access key (:class:`lumireg.client.security.Credentials`); None: plaintext,
+            no key.
     """
 
     def __init__(
@@ -173,15 +180,22 @@ class RegistrationClient:
         timeout: float = 600.0,
         retry_seconds: float = 60.0,
         concurrency: int = 1,
+        credentials: Credentials | None = None,
     ):
         if transport == "auto":
             transport = "shm" if url.rsplit(":", 1)[0] in LOOPBACK else "grpc"
         if transport not in ("shm", "grpc"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
         self.url, self.timeout, self.retry_seconds = url, timeout, retry_seconds
+        self.credentials = credentials or Credentials()
+        self.credentials.check()
         self.transport_name = transport
-        self.client = grpcclient.InferenceServerClient(url)
-        self.transport = SharedMemoryTransport(concurrency) if transport == "shm" else GrpcTransport()
+        self.client = grpc_client(url, self.credentials)
+        self.transport = (
+            SharedMemoryTransport(concurrency, headers=shared_memory_headers(url))
+            if transport == "shm"
+            else GrpcTransport()
+        )
 
     def __enter__(self) -> RegistrationClient:
         return self
@@ -200,6 +214,50 @@ class RegistrationClient:
             return self.client.is_server_ready() and self.client.is_model_ready(ENTRY_MODEL)
         except InferenceServerException:
             return False
+
+    def unreachable_reason(self) -> str:
+        """A phrase on why nothing answers at the URL (TLS on one side only, an untrusted certificate, a missing
+        client certificate; :func:`lumireg.client.security.diagnose`), or ""."""
+        return diagnose(self.url, self.credentials)
+
+    def access_problem(self) -> str | None:
+        """Why a server that is up (its open health endpoint says ready) refuses this client, or None.
+
+        Told apart by gRPC status, not by message: Triton answers a call without the header a restricted protocol
+        needs with UNAVAILABLE, as it does a full queue; the metadata call (restricted like inference, unaffected
+        by the queue) failing with UNAVAILABLE while health says ready means the access key. The message names
+        the header and the options, never a key.
+        """
+        try:
+            if not self.client.is_server_ready(client_timeout=10):
+                return None
+        except InferenceServerException:
+            return None
+        try:
+            self.client.get_server_metadata(client_timeout=10)
+        except InferenceServerException as exc:
+            if exc.status() != UNAVAILABLE:
+                return None
+            if self.credentials.access_key:
+                return (
+                    f"the server at {self.url} refused this client's access key (header {ACCESS_KEY_HEADER}); "
+                    f"check --access-key-file or ${ACCESS_KEY_ENV}"
+                )
+            return (
+                f"the server at {self.url} needs an access key (header {ACCESS_KEY_HEADER}): "
+                f"give --access-key-file FILE or set ${ACCESS_KEY_ENV}"
+            )
+        if self.transport_name == "shm":
+            headers = self.transport.headers
+            try:
+                self.client.get_system_shared_memory_status(headers=dict(headers or {}), client_timeout=10)
+            except InferenceServerException as exc:
+                if exc.status() == UNAVAILABLE:
+                    return (
+                        f"the server at {self.url} does not let this client use shared memory (it listens beyond "
+                        "loopback and its local secret is not readable here): use --transport grpc"
+                    )
+        return None
 
     def infer(
         self, inputs: dict[str, np.ndarray], outputs: list[str], parameters: dict | None = None
@@ -229,6 +287,9 @@ class RegistrationClient:
                     raise LumiregError(f"the server at {self.url} did not answer within {self.timeout:g} s") from exc
                 if status not in RETRY_STATUSES:
                     raise LumiregError(f"the server refused the request: {message}") from exc
+                refused = self.access_problem() if status == UNAVAILABLE else None
+                if refused:
+                    raise AccessDenied(refused) from exc
                 if time.monotonic() + delay > deadline:
                     raise ServerUnavailable(
                         f"no lumireg server answered at {self.url} (retried for {self.retry_seconds:g} s): {message}"

@@ -8,7 +8,8 @@
   when a bigger request comes, re-registered after a server restart, and
   unregistered and unlinked on :meth:`close`, at interpreter exit, and when
   the object is garbage-collected (so an interrupted batch leaves nothing in
-  ``/dev/shm``).
+  ``/dev/shm``). A server listening beyond loopback wants its local secret on
+  these calls (``headers``, :func:`lumireg.client.security.shared_memory_headers`).
 
 Both return ``{output name: numpy array}`` (copies, safe to keep). String
 outputs (``qc``) always come in the gRPC payload. No torch.
@@ -89,16 +90,20 @@ class _Region:
         self.name, self.key, self.size = name, f"/{name}", size
         self.handle = shm.create_shared_memory_region(name, self.key, size)
 
-    def register(self, client) -> None:
-        client.register_system_shared_memory(self.name, self.key, self.size)
+    def register(self, client, headers: dict | None = None) -> None:
+        client.register_system_shared_memory(self.name, self.key, self.size, headers=_copy(headers))
 
-    def release(self, client=None) -> None:
+    def release(self, client=None, headers: dict | None = None) -> None:
         if client is not None:
             try:
-                client.unregister_system_shared_memory(self.name)
+                client.unregister_system_shared_memory(self.name, headers=_copy(headers))
             except Exception:  # the server may be gone; the region is ours to unlink anyway
                 pass
         shm.destroy_shared_memory_region(self.handle)
+
+
+def _copy(headers: dict | None) -> dict | None:
+    return dict(headers) if headers else None  # tritonclient's plugins add to the dict they are given
 
 
 def _release_all(regions: dict, lock: threading.Lock) -> None:
@@ -116,9 +121,11 @@ class SharedMemoryTransport:
 
     Args:
         slots: how many requests may be in flight at once (one pair of regions each).
+        headers: extra headers for the shared-memory calls (the secret of a server listening beyond loopback).
     """
 
-    def __init__(self, slots: int = 1):
+    def __init__(self, slots: int = 1, headers: dict | None = None):
+        self.headers = headers
         self._prefix = f"lumireg_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self._regions: dict[str, _Region] = {}
         self._lock = threading.Lock()
@@ -135,9 +142,9 @@ class SharedMemoryTransport:
             if region is not None and region.size >= size:
                 return region
             if region is not None:
-                region.release(client)
+                region.release(client, self.headers)
             region = self._regions[name] = _Region(name, size)
-        region.register(client)
+        region.register(client, self.headers)
         return region
 
     def infer(
@@ -193,15 +200,15 @@ class SharedMemoryTransport:
             regions = list(self._regions.values())
         for region in regions:
             try:
-                client.unregister_system_shared_memory(region.name)
+                client.unregister_system_shared_memory(region.name, headers=_copy(self.headers))
             except Exception:
                 pass
-            region.register(client)
+            region.register(client, self.headers)
 
     def close(self, client=None) -> None:
         """Unregister (when ``client`` is given) and unlink every region."""
         with self._lock:
             for region in self._regions.values():
-                region.release(client)
+                region.release(client, self.headers)
             self._regions.clear()
         self._finalizer.detach()

@@ -8,7 +8,7 @@ import sys
 
 from lumireg.contract import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from lumireg.export import repository
-from lumireg.service.server import EmbeddedServer, Ports, ServerError
+from lumireg.service.server import EmbeddedServer, Ports, Security, ServerError, is_loopback
 
 
 class _Terminated(KeyboardInterrupt):
@@ -34,16 +34,41 @@ def run(args: argparse.Namespace) -> int:
     tritonserver here), ``EXIT_FAILURE`` (it died or never became ready); ``EXIT_FAILURE`` too when it exits by
     itself. The message says which. Exit codes of :mod:`lumireg.contract`."""
     ports = Ports(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
-    server = EmbeddedServer(args.repository, host=args.host, ports=ports, verbose=args.log_verbose)
+    security = Security(
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        tls_ca=getattr(args, "tls_ca", None),
+        access_key_file=getattr(args, "access_key_file", None),
+        remote_shared_memory=getattr(args, "remote_shared_memory", False),
+    )
+    server = EmbeddedServer(
+        args.repository,
+        host=args.host,
+        ports=ports,
+        verbose=args.log_verbose,
+        security=security,
+        http_host=getattr(args, "http_host", None),
+        metrics_host=getattr(args, "metrics_host", None),
+    )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         ensure_exported(args.repository)
         server.start(timeout=args.timeout)
         print(
-            f"lumireg is serving model 'lumireg' on grpc://{server.grpc_url} "
-            f"(HTTP {server.http_url}, metrics {server.metrics_url}); Ctrl-C stops it",
+            f"lumireg is serving model 'lumireg' on grpc{'s' if security.tls_cert else ''}://{server.grpc_url} "
+            f"(HTTP {server.http_url}, metrics {server.metrics_url}); {_protection(server)}; Ctrl-C stops it",
             flush=True,
         )
+        if not is_loopback(args.host) and not (security.tls_cert and security.access_key_file):
+            print(
+                f"lumireg serve: warning: listening on {args.host} without "
+                + " and ".join(
+                    w for w, on in (("TLS", security.tls_cert), ("an access key", security.access_key_file)) if not on
+                )
+                + ": images and keys cross the network readable by anyone on it (see README, Deploying in a hospital)",
+                file=sys.stderr,
+                flush=True,
+            )
         code = server.wait()
         print(f"lumireg serve: tritonserver exited with code {code}", file=sys.stderr)
         return EXIT_FAILURE
@@ -58,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         server.stop()
+
+
+def _protection(server: EmbeddedServer) -> str:
+    """One phrase: what protects the endpoint (never the key itself)."""
+    sec = server.security
+    tls = "mutual TLS" if sec.tls_ca else "TLS" if sec.tls_cert else "no TLS"
+    key = "access key required" if sec.access_key_file else "no access key"
+    shm = "shared memory local only" if server._secret_file is not None else "shared memory open"
+    return f"{tls}, {key}, {shm}"
 
 
 def add_parser(sub) -> None:
@@ -76,6 +110,23 @@ def add_parser(sub) -> None:
     serve.add_argument("--http-port", type=int, default=Ports.http, help=f"HTTP port (default: {Ports.http})")
     serve.add_argument(
         "--metrics-port", type=int, default=Ports.metrics, help=f"Prometheus metrics port (default: {Ports.metrics})"
+    )
+    serve.add_argument("--http-host", help="address for HTTP (default: --host when it is loopback, else 127.0.0.1)")
+    serve.add_argument(
+        "--metrics-host", help="address for metrics (default: --host when it is loopback, else 127.0.0.1)"
+    )
+    serve.add_argument("--tls-cert", help="PEM server certificate: gRPC over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-ca", help="PEM CA certificate(s) client certificates must chain to: mutual TLS")
+    serve.add_argument(
+        "--access-key-file",
+        help="file holding the access key every call but health must carry (16..512 characters; "
+        "`openssl rand -hex 32 > FILE`); never logged",
+    )
+    serve.add_argument(
+        "--remote-shared-memory",
+        action="store_true",
+        help="beyond loopback, let remote callers use the shared-memory API too (default: local callers only)",
     )
     serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (default: 0)")

@@ -11,14 +11,24 @@ it needs, and what :class:`EmbeddedServer` sets up:
   environment's Python (and finds lumireg, torch and onnxruntime);
 - the wheel's bundled libraries (``nvidia_pytriton.libs``) on ``LD_LIBRARY_PATH``.
 
-The server listens on ``host`` (127.0.0.1 by default): gRPC, HTTP (KServe v2,
+The server listens on ``host`` (127.0.0.1 by default) for gRPC; HTTP (KServe v2,
 with ``/v2/health/live`` and ``/v2/health/ready``) and Prometheus metrics
-(``/metrics``).
+(``/metrics``) follow ``host`` when it is loopback and stay on 127.0.0.1
+otherwise, unless ``http_host`` / ``metrics_host`` say where.
+
+Security (:class:`Security`): TLS or mutual TLS on gRPC; an access key that
+every call but health must carry (Triton's restricted protocols, gRPC and
+HTTP); beyond loopback the shared-memory API answers only callers that can
+read a local secret file (:func:`lumireg.contract.shared_memory_secret_path`),
+so a remote caller cannot map this host's ``/dev/shm``. Models are loaded at
+start and never over the network (``--model-control-mode=none``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +41,16 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_USAGE
+from lumireg.contract import (
+    ACCESS_KEY_HEADER,
+    EXIT_FAILURE,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_USAGE,
+    RESTRICTED_PROTOCOLS,
+    SHARED_MEMORY_HEADER,
+    check_access_key,
+    shared_memory_secret_path,
+)
 
 
 class ServerError(RuntimeError):
@@ -57,6 +76,67 @@ class Ports:
     grpc: int = 8001
     http: int = 8000
     metrics: int = 8002
+
+
+LOOPBACK_HOST = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): nothing beyond this host can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Security:
+    """How the server is protected (every field optional; the default is today's open loopback server).
+
+    Attributes:
+        tls_cert, tls_key: PEM server certificate and its private key: gRPC over TLS.
+        tls_ca: PEM root certificate(s) the clients' certificates must chain to: mutual TLS (needs the two above).
+        access_key_file: a file holding the access key every gRPC / HTTP call but health must carry
+            (header :data:`~lumireg.contract.ACCESS_KEY_HEADER`); the key is read at start, never logged.
+        remote_shared_memory: beyond loopback, leave the shared-memory API open to any caller (with the key, if
+            one is set) instead of only to callers that can read the local secret file.
+    """
+
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+    tls_ca: str | Path | None = None
+    access_key_file: str | Path | None = None
+    remote_shared_memory: bool = False
+
+    def check(self) -> None:
+        """``ServerError`` (usage) naming the option and file that is missing, unreadable or inconsistent."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ServerError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_ca and not self.tls_cert:
+            raise ServerError("mutual TLS (--tls-ca) needs the server's own --tls-cert and --tls-key")
+        for option, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-ca", self.tls_ca),
+            ("--access-key-file", self.access_key_file),
+        ):
+            if path and not os.access(path, os.R_OK):
+                raise ServerError(f"{option}: cannot read {path}")
+
+    def access_key(self) -> str | None:
+        """The access key from :attr:`access_key_file` (checked by :func:`lumireg.contract.check_access_key`)."""
+        if not self.access_key_file:
+            return None
+        try:
+            return check_access_key(Path(self.access_key_file).read_text(), f"--access-key-file {self.access_key_file}")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ServerError(
+                f"--access-key-file: cannot read {self.access_key_file} ({exc.__class__.__name__})"
+            ) from None
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
 
 
 def tritonserver_home() -> Path:
@@ -126,6 +206,8 @@ class EmbeddedServer:
         ports: gRPC, HTTP and metrics ports.
         log: where the server's output goes: a path, or None for this process's stdout/stderr.
         verbose: tritonserver's ``--log-verbose`` level.
+        security: TLS, access key, shared-memory policy (:class:`Security`).
+        http_host, metrics_host: where HTTP and metrics listen; None: ``host`` when it is loopback, else 127.0.0.1.
     """
 
     def __init__(
@@ -135,10 +217,17 @@ class EmbeddedServer:
         ports: Ports = Ports(),
         log: str | Path | None = None,
         verbose: int = 0,
+        security: Security = Security(),
+        http_host: str | None = None,
+        metrics_host: str | None = None,
     ):
         self.repository = Path(repository).resolve()
         self.host, self.ports, self.log, self.verbose = host, ports, log, verbose
+        self.security = security
+        local = host if is_loopback(host) else LOOPBACK_HOST
+        self.http_host, self.metrics_host = http_host or local, metrics_host or local
         self.process: subprocess.Popen | None = None
+        self._secret_file: Path | None = None
 
     @property
     def grpc_url(self) -> str:
@@ -146,51 +235,110 @@ class EmbeddedServer:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.ports.http}"
+        return f"http://{self.http_host}:{self.ports.http}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.ports.metrics}/metrics"
+        return f"http://{self.metrics_host}:{self.ports.metrics}/metrics"
 
     def command(self, home: Path) -> list[str]:
         return [
             str(home / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_directory(home)}",
+            # models load at start and never over the API: no caller can load, unload or swap a model
+            "--model-control-mode=none",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.ports.grpc}",
-            f"--http-address={self.host}",
+            f"--http-address={self.http_host}",
             f"--http-port={self.ports.http}",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.metrics_host}",
             f"--metrics-port={self.ports.metrics}",
             "--allow-gpu-metrics=false",  # the wheel's build has no DCGM
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.verbose}",
+            *self._security_flags(),
         ]
+
+    def _security_flags(self) -> list[str]:
+        """tritonserver's TLS and restricted-protocol flags (the key is only ever in the child's arguments)."""
+        sec, flags = self.security, []
+        if sec.tls_ca:
+            flags += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(sec.tls_ca).resolve()}"]
+        elif sec.tls_cert:
+            flags.append("--grpc-use-ssl=true")
+        if sec.tls_cert:
+            flags += [
+                f"--grpc-server-cert={Path(sec.tls_cert).resolve()}",
+                f"--grpc-server-key={Path(sec.tls_key).resolve()}",
+            ]
+        protocols = list(RESTRICTED_PROTOCOLS)
+        if self._secret_file is not None:
+            protocols.remove("shared-memory")
+            secret = self._secret_file.read_text()
+            flags += [
+                f"--grpc-restricted-protocol=shared-memory:{SHARED_MEMORY_HEADER}={secret}",
+                f"--http-restricted-api=shared-memory:{SHARED_MEMORY_HEADER}={secret}",
+            ]
+        key = sec.access_key()
+        if key is not None:
+            flags += [
+                f"--grpc-restricted-protocol={','.join(protocols)}:{ACCESS_KEY_HEADER}={key}",
+                f"--http-restricted-api={','.join(protocols)}:{ACCESS_KEY_HEADER}={key}",
+            ]
+        return flags
+
+    def _write_shared_memory_secret(self) -> None:
+        """Beyond loopback (and unless allowed): a fresh secret in a 0600 file only local callers can read."""
+        if is_loopback(self.host) or self.security.remote_shared_memory:
+            return
+        path = Path(shared_memory_secret_path(self.ports.grpc))
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        self._secret_file = path
+
+    def _remove_shared_memory_secret(self) -> None:
+        if self._secret_file is not None:
+            self._secret_file.unlink(missing_ok=True)
+            self._secret_file = None
 
     def start(self, timeout: float = 180.0) -> EmbeddedServer:
         """Start the server and wait until every model is ready; :class:`ServerError` if it cannot."""
         if not (self.repository / "lumireg").is_dir():
             raise ServerError(f"{self.repository} is not a lumireg model repository (run `lumireg export`)")
-        for name, port in (("gRPC", self.ports.grpc), ("HTTP", self.ports.http), ("metrics", self.ports.metrics)):
-            if port_in_use(self.host, port):
+        self.security.check()
+        for name, host, port in (
+            ("gRPC", self.host, self.ports.grpc),
+            ("HTTP", self.http_host, self.ports.http),
+            ("metrics", self.metrics_host, self.ports.metrics),
+        ):
+            if port_in_use(host, port):
                 raise ServerError(
-                    f"{name} port {port} on {self.host} is already in use (another server running?); "
+                    f"{name} port {port} on {host} is already in use (another server running?); "
                     f"pick another with --{name.lower()}-port"
                 )
         home = tritonserver_home()
+        self._write_shared_memory_secret()
+        try:
+            command = self.command(home)
+        except ServerError:
+            self._remove_shared_memory_secret()
+            raise
         output = open(self.log, "ab") if self.log else None
         try:
             self.process = subprocess.Popen(
-                self.command(home),
+                command,
                 env=server_environment(home),
                 stdout=output,
                 stderr=subprocess.STDOUT if output else None,
                 start_new_session=True,
             )
         except OSError as exc:
+            self._remove_shared_memory_secret()
             raise ServerError(f"cannot run {home / 'bin' / 'tritonserver'}: {exc}") from exc
         finally:
             if output:
@@ -204,6 +352,7 @@ class EmbeddedServer:
             code = self.process.poll()
             if code is not None:
                 self.process = None
+                self._remove_shared_memory_secret()
                 raise ServerFailed(f"tritonserver exited with code {code} while starting{self._log_hint()}")
             if self.ready():
                 return
@@ -246,6 +395,7 @@ class EmbeddedServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the server to shut down (SIGTERM: it finishes in-flight requests), kill it if it does not."""
         if self.process is None:
+            self._remove_shared_memory_secret()
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -255,6 +405,7 @@ class EmbeddedServer:
                 os.killpg(self.process.pid, signal.SIGKILL)  # the server and its python stubs
                 self.process.wait()
         self.process = None
+        self._remove_shared_memory_secret()
 
     def __enter__(self) -> EmbeddedServer:
         return self.start() if self.process is None else self
