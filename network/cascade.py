@@ -48,6 +48,7 @@ def cascade(
     moving: torch.Tensor,
     passes: int,
     steps: int = INTEGRATION_STEPS,
+    refine_last: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``network`` ``passes`` times, each on the moving image warped by the passes before it.
 
@@ -57,6 +58,8 @@ def cascade(
         fixed, moving: ``(B, 1, D, H, W)``, one device and dtype.
         passes: >= 1; 1 is the network alone.
         steps: scaling-and-squaring steps.
+        refine_last: ``(fixed, moving_seen, velocity) -> velocity``, applied to the last pass's
+            velocity (``moving_seen``: the moving image that pass saw), e.g. :func:`lumireg.network.refine.refine`.
 
     Returns:
         ``(displacement, velocities)``: the composed ``(B, 3, D, H, W)`` float32
@@ -65,11 +68,15 @@ def cascade(
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    velocities = [network(fixed, moving).float()]
-    displacement = velocity_to_displacement(velocities[0], steps)
-    for _ in range(passes - 1):
-        velocities.append(network(fixed, _resample_like(moving, displacement)).float())
-        displacement = compose(displacement, velocity_to_displacement(velocities[-1], steps))
+    displacement, velocities = None, []
+    for index in range(passes):
+        seen = moving if displacement is None else _resample_like(moving, displacement)
+        velocity = network(fixed, seen).float()
+        if refine_last is not None and index == passes - 1:
+            velocity = refine_last(fixed, seen, velocity)
+        velocities.append(velocity)
+        step = velocity_to_displacement(velocity, steps)
+        displacement = step if displacement is None else compose(displacement, step)
     return displacement, velocities
 
 

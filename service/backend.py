@@ -54,7 +54,7 @@ class Metrics:
     """lumireg's metric families on Triton's ``/metrics`` endpoint, beside Triton's own ``nv_*``.
 
     - ``lumireg_stage_seconds{model, stage}``: histogram, seconds per batch per
-      stage (``network``, ``integrate``, ``warp``, ``qc``, ``total``);
+      stage (``network``, ``refine``, ``integrate``, ``warp``, ``qc``, ``total``);
     - ``lumireg_ndv_percent{model}``: histogram of the non-diffeomorphic volume (%) per pair with QC;
     - ``lumireg_pairs_total{model}``: pairs registered;
     - ``lumireg_request_errors_total{model, reason}``: requests answered with an error.

@@ -24,6 +24,7 @@ import torch
 from lumireg.contract import CHECKPOINT_FILE, DEFAULT_PASSES, INTEGRATION_STEPS, OUTPUT_NAMES
 from lumireg.kernels import warp
 from lumireg.network.cascade import cascade, cascade_inverse
+from lumireg.network.refine import refine as refine_velocity
 from lumireg.service.quality import quality_report
 
 
@@ -51,35 +52,50 @@ def transform(
     moving: torch.Tensor,
     passes: int = 1,
     *,
+    refine: int = 0,
+    similarity: str = "ncc",
     steps: int = INTEGRATION_STEPS,
     timer: StageTimer | None = None,
-) -> tuple[torch.Tensor, list]:
-    """The network's transform of a batch: ``passes`` passes, composed (:func:`lumireg.network.cascade.cascade`).
+) -> tuple[torch.Tensor, list, list[dict] | None]:
+    """The network's transform of a batch: ``passes`` passes, composed, the last one refined ``refine`` steps.
 
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 ``(B, 1, D, H, W)`` tensors (the BLS call
             to ``lumireg_network``, or :func:`network_runner`); returns ``(B, 3, D/2, H/2, W/2)``.
         fixed, moving: ``uint8 (B, 1, D, H, W)``, one device.
-        passes: network passes (1 = the network alone).
-        timer: collects seconds in ``network`` (the network's calls) and ``integrate`` (the rest).
+        passes: network passes (1 = the network alone; :func:`lumireg.network.cascade.cascade`).
+        refine: instance optimisation steps on the last pass's velocity (:func:`lumireg.network.refine.refine`).
+        similarity: refinement's similarity, ``"ncc"`` or ``"mi"``.
+        timer: collects seconds in ``network`` (the network's calls), ``refine`` and ``integrate`` (the rest).
 
     Returns:
-        ``(displacement, velocities)``: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the
-        fixed grid, on ``fixed``'s device; the passes' velocities, for :func:`postprocess`.
+        ``(displacement, velocities, refinement)``: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the
+        fixed grid, on ``fixed``'s device; the passes' velocities, for :func:`postprocess`; the
+        refinement's report per pair (None when ``refine`` is 0).
     """
     timer = timer or StageTimer()
     device = fixed.device
+    reports = []
 
     def timed_network(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         with timer.stage("network", device):
             return network(f, m).to(device)
 
-    start, network_before = time.perf_counter(), timer.seconds.get("network", 0.0)
-    displacement, velocities = cascade(timed_network, fixed, moving, passes, steps)
+    def timed_refine(f: torch.Tensor, m: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        with timer.stage("refine", device):
+            velocity, report = refine_velocity(velocity, f, m, refine, similarity, steps=steps)
+        reports.extend(report)
+        return velocity
+
+    start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
+    displacement, velocities = cascade(
+        timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    timer.add("integrate", time.perf_counter() - start - (timer.seconds["network"] - network_before))
-    return displacement, velocities
+    inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
+    timer.add("integrate", time.perf_counter() - start - inside)
+    return displacement, velocities, reports or None
 
 
 def postprocess(
@@ -90,6 +106,7 @@ def postprocess(
     wanted,
     *,
     moving_labels: torch.Tensor | None = None,
+    refinement: list[dict] | None = None,
     steps: int = INTEGRATION_STEPS,
     model: str = "lumireg",
     timer: StageTimer | None = None,
@@ -102,6 +119,7 @@ def postprocess(
         fixed, moving: ``uint8 (B, 1, D, H, W)`` on the displacement's device.
         wanted: output names (:data:`lumireg.contract.OUTPUT_NAMES`).
         moving_labels: ``int32 (B, 1, D, H, W)``; needed for ``warped_labels``.
+        refinement: :func:`transform`'s refinement reports for these pairs, for the QC report (None: none ran).
         steps: scaling-and-squaring steps (the network's).
         model: the weights' name for the QC report.
         timer: collects seconds per stage (``integrate``, ``warp``, ``qc``).
@@ -137,7 +155,15 @@ def postprocess(
         with timer.stage("qc", device):
             out["qc"] = [
                 json.dumps(report)
-                for report in quality_report(fixed, moving, warped, displacement, model, len(velocities))
+                for report in quality_report(
+                    fixed,
+                    moving,
+                    warped,
+                    displacement,
+                    model,
+                    len(velocities),
+                    **({"refinement": refinement} if refinement else {}),
+                )
             ]
     return out
 
@@ -179,6 +205,8 @@ def register_in_process(
     wanted,
     *,
     passes: int = DEFAULT_PASSES,
+    refine: int = 0,
+    similarity: str = "ncc",
     moving_labels: np.ndarray | None = None,
     device: str = "cpu",
     steps: int = INTEGRATION_STEPS,
@@ -190,7 +218,7 @@ def register_in_process(
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 tensors (:func:`network_runner`).
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
-        passes: network passes (the request parameter ``passes``).
+        passes, refine, similarity: the request parameters of those names.
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
         device: where the post-processing runs.
     """
@@ -201,7 +229,9 @@ def register_in_process(
         return None if array is None else torch.as_tensor(array, device=target)
 
     fixed, moving = as_tensor(fixed), as_tensor(moving)
-    displacement, velocities = transform(network, fixed, moving, passes, steps=steps, timer=timer)
+    displacement, velocities, refinement = transform(
+        network, fixed, moving, passes, refine=refine, similarity=similarity, steps=steps, timer=timer
+    )
     return postprocess(
         displacement,
         velocities,
@@ -209,6 +239,7 @@ def register_in_process(
         moving,
         wanted,
         moving_labels=as_tensor(moving_labels),
+        refinement=refinement,
         steps=steps,
         model=model,
         timer=timer,

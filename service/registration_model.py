@@ -4,10 +4,11 @@ For each batch of requests (Triton's dynamic batcher gathers up to 8 pairs):
 
 1. checks what each request asks for (a request that cannot be served gets
    its own error; the rest of the batch goes on);
-2. per group of requests with the same ``passes`` (request parameter,
-   :data:`lumireg.contract.PARAMETERS`), sends all their pairs in one request
-   to ``lumireg_network`` (BLS) for the half-resolution velocity, once per
-   pass, warping the moving images between passes and composing the
+2. per group of requests with the same request parameters
+   (:data:`lumireg.contract.PARAMETERS`: ``passes``, ``refine``, ``similarity``),
+   sends all their pairs in one request to ``lumireg_network`` (BLS) for the
+   half-resolution velocity, once per pass, warping the moving images between
+   passes, refining the last pass's velocity when asked and composing the
    transforms (:func:`lumireg.service.pipeline.transform`);
 3. per request, :func:`lumireg.service.pipeline.postprocess` warps, inverts
    on demand and writes the QC report, on the instance's device: Triton kernels
@@ -152,10 +153,14 @@ class TritonPythonModel:
 
     def _register(self, requests, accepted, responses) -> None:
         timer = StageTimer()
-        for passes in sorted({a[5]["passes"] for a in accepted}):
-            group = [a for a in accepted if a[5]["passes"] == passes]
+        groups = {}  # requests with the same parameters run together
+        for request in accepted:
+            groups.setdefault(tuple(sorted(request[5].items())), []).append(request)
+        for key, group in sorted(groups.items()):
             fixed, moving = torch.cat([a[1] for a in group]), torch.cat([a[2] for a in group])
-            displacement, velocities = transform(self._velocity, fixed, moving, passes, steps=self.steps, timer=timer)
+            displacement, velocities, refinement = transform(
+                self._velocity, fixed, moving, **dict(key), steps=self.steps, timer=timer
+            )
             row = 0
             for index, fixed, moving, labels, wanted, _ in group:
                 rows = slice(row, row + fixed.shape[0])
@@ -167,6 +172,7 @@ class TritonPythonModel:
                     moving,
                     wanted,
                     moving_labels=labels,
+                    refinement=refinement and refinement[rows],
                     steps=self.steps,
                     model=self.weights,
                     timer=timer,
