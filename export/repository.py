@@ -59,11 +59,30 @@ def _parameters(values: dict[str, str]) -> str:
     return "".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in values.items())
 
 
-def entry_config() -> str:
-    """``config.pbtxt`` of the ``lumireg`` model."""
+# The lumireg model's queue policy (bounded overload). A request that finds MAX_QUEUE_SIZE requests waiting, or
+# that waits longer than QUEUE_TIMEOUT_US, is refused with UNAVAILABLE (which the client retries with backoff)
+# instead of queueing without limit, each waiting request holding its inputs in memory. See README, "Deploying in a
+# hospital" for the measurement behind the numbers.
+MAX_QUEUE_SIZE = 8
+QUEUE_TIMEOUT_US = 60_000_000
+
+
+def dynamic_batching(max_queue_size: int | None = MAX_QUEUE_SIZE, timeout_us: int = QUEUE_TIMEOUT_US) -> str:
+    """The ``dynamic_batching`` block: the queue policy above (``max_queue_size=None``: unbounded, no policy)."""
+    if max_queue_size is None:
+        return "dynamic_batching { }\n"
     return (
-        _HEADER + f'name: "{ENTRY_MODEL}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
-        "dynamic_batching { }\n"
+        "dynamic_batching {\n  default_queue_policy {\n    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {timeout_us}\n    max_queue_size: {max_queue_size}\n  }}\n}}\n"
+    )
+
+
+def entry_config(max_queue_size: int | None = MAX_QUEUE_SIZE, timeout_us: int = QUEUE_TIMEOUT_US) -> str:
+    """``config.pbtxt`` of the ``lumireg`` model (the queue policy's arguments: :func:`dynamic_batching`)."""
+    return (
+        _HEADER
+        + f'name: "{ENTRY_MODEL}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+        + dynamic_batching(max_queue_size, timeout_us)
         + _block("input", [_tensor(*spec) for spec in INPUTS])
         + _block("output", [_tensor(*output) for output in OUTPUTS])
         # inputs stay where they arrived (GPU memory with CUDA shared memory), no copy to the host
