@@ -1,4 +1,4 @@
-"""GPU primitives of registration: trilinear warping, scaling and squaring, local NCC.
+"""GPU primitives of registration: trilinear warping, scaling and squaring, local NCC, mutual information.
 
 Each op is one file holding its Triton kernels, its ``torch.autograd.Function``
 and its pure-PyTorch twin. CUDA tensors run the Triton kernels, CPU tensors the
@@ -11,7 +11,8 @@ at integer coordinates (grid_sample's ``align_corners=True``).
 """
 
 from lumireg.kernels.integrate import integrate
+from lumireg.kernels.mutual_information import mutual_information
 from lumireg.kernels.ncc import local_ncc
 from lumireg.kernels.warp import warp
 
-__all__ = ["warp", "integrate", "local_ncc"]
+__all__ = ["warp", "integrate", "local_ncc", "mutual_information"]

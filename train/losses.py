@@ -6,6 +6,7 @@ import torch
 
 from lumireg.contract import NCC_WINDOW
 from lumireg.kernels import local_ncc
+from lumireg.kernels import mutual_information as kernels_mutual_information
 
 
 def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = NCC_WINDOW) -> torch.Tensor:
@@ -19,20 +20,10 @@ def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32
     Intensities are expected in 0..1. Each voxel spreads over ``bins`` equally
     spaced bin centres with Gaussian weights of width ``sigma`` bin spacings
     (normalised per voxel); the joint histogram is the mean outer product of the
-    two images' weights. Differentiable in both images.
+    two images' weights. Differentiable in both images. Runs
+    :func:`lumireg.kernels.mutual_information` (Triton on CUDA tensors).
     """
-    centres = torch.linspace(0.0, 1.0, bins, device=fixed.device, dtype=torch.float32)
-    spread = 2.0 * (sigma / (bins - 1)) ** 2
-
-    def weights(image: torch.Tensor) -> torch.Tensor:  # (B, N, bins)
-        x = image.float().flatten(1).clamp(0.0, 1.0).unsqueeze(-1)
-        w = torch.exp(-((x - centres) ** 2) / spread)
-        return w / w.sum(-1, keepdim=True)
-
-    wf, wm = weights(fixed), weights(moving)
-    joint = torch.bmm(wf.transpose(1, 2), wm) / wf.shape[1]  # (B, bins, bins)
-    pf, pm = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
-    return (joint * torch.log((joint + 1e-10) / (pf * pm + 1e-10))).sum((1, 2))
+    return kernels_mutual_information(fixed, moving, bins, sigma)
 
 
 def mi_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32) -> torch.Tensor:

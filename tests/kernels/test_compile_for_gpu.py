@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-# (module, kernel, its constexpr values besides ACC and BLOCK, pointer types that differ from the accumulation type)
+# (module, kernel, its constexpr values besides ACC (and BLOCK, 1024 unless given), pointer types that differ from the
+# accumulation type)
 CASES = [
     ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": False, "RESIDUAL": False}, {}),
     ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": True, "RESIDUAL": True}, {}),
@@ -37,6 +38,28 @@ CASES = [
     ("ncc", "_ncc_forward_kernel", {"WINDOW": 9}, {}),
     ("ncc", "_ncc_coefficients_kernel", {"WINDOW": 9}, {}),
     ("ncc", "_ncc_backward_kernel", {"WINDOW": 9}, {}),
+    ("mutual_information", "_mi_joint_kernel", {"BINS_P": 32, "BLOCK": 128}, {}),
+    ("mutual_information", "_mi_joint_kernel", {"BINS_P": 128, "BLOCK": 32}, {}),
+    # no 16-bit pointers: the op casts half inputs to float64 when it accumulates in float64 (Triton's fp64 MMA
+    # rejects them), a pairing this table, which compiles every case for both accumulators, cannot express
+    (
+        "mutual_information",
+        "_mi_backward_kernel",
+        {"BINS_P": 32, "BLOCK": 128, "FIXED_GRAD": True, "MOVING_GRAD": True},
+        {},
+    ),
+    (
+        "mutual_information",
+        "_mi_backward_kernel",
+        {"BINS_P": 16, "BLOCK": 128, "FIXED_GRAD": False, "MOVING_GRAD": True},
+        {},
+    ),
+    (
+        "mutual_information",
+        "_mi_backward_kernel",
+        {"BINS_P": 128, "BLOCK": 32, "FIXED_GRAD": True, "MOVING_GRAD": False},
+        {},
+    ),
 ]
 ACCUMULATORS = ("fp32", "fp64")
 
@@ -48,7 +71,7 @@ from triton.compiler import ASTSource
 results = []
 for module, name, constants, pointers, acc in json.load(sys.stdin):
     kernel = getattr(importlib.import_module("lumireg.kernels." + module), name)
-    constexprs = {**constants, "ACC": getattr(tl, "float" + acc[2:]), "BLOCK": 1024}
+    constexprs = {"BLOCK": 1024, **constants, "ACC": getattr(tl, "float" + acc[2:])}
     signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*" + acc) if a.endswith("_ptr") else "i32"
                  for a in kernel.arg_names}
     try:
