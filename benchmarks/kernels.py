@@ -8,7 +8,11 @@ forward + backward pass of
   ``SpatialTransformer``);
 - ``integrate`` (7 squarings): ours vs VoxelMorph's ``VecInt`` on that transformer;
 - ``local_ncc`` (9^3 window): ours vs VoxelMorph's ``NCC`` on ``F.conv3d`` with a
-  ones kernel.
+  ones kernel;
+- ``mutual_information`` (32 bins, sigma 0.5 bin spacings): ours vs the Parzen-window
+  MI that training ran before it had a kernel, in PyTorch (dense per-voxel weights
+  and one ``bmm``; MONAI's ``GlobalMutualInformationLoss`` with its Gaussian
+  kernel works the same way, but MONAI is not a dependency).
 
 Each op is first checked against its reference on the same inputs (output, and
 gradients for the same upstream gradient); a mismatch fails the run. Times are
@@ -37,14 +41,16 @@ from lumireg.benchmarks.machine import device_name, header, slug
 from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 from lumireg.kernels._dispatch import use_triton
 
-OPS = ("warp", "integrate", "local_ncc")
+OPS = ("warp", "integrate", "local_ncc", "mutual_information")
 STEPS = 7  # scaling-and-squaring steps (LUMIR convention)
 WINDOW = 9  # local NCC window, voxels per side
+BINS, SIGMA = 32, 0.5  # mutual information: bins per image, Gaussian width in bin spacings
 RTOL = 1e-3  # an element mismatches when |ours - ref| > RTOL * max |ref|
 # Gradient elements allowed to mismatch: trilinear's gradient jumps at integer sample
 # coordinates, where ours and grid_sample may round a coordinate into different cells.
 GRAD_MISMATCH = 1e-3
 # Fewest bytes per voxel per batch element each op must move: the floors against an H100's ~3.0 TB/s.
+# mutual_information has none: 2 x 32 exponentials and 2 x 32^2 multiply-adds per voxel bound it, not 8 bytes.
 MIN_BYTES_PER_VOXEL = {("warp", "fwd"): 20, ("integrate", "fwd"): 24 * STEPS, ("local_ncc", "fwd+bwd"): 48}
 H100_BYTES_PER_S = 3.0e12
 # Defaults per device for options left unset: LUMIR's canvas on a GPU; half of it on a
@@ -57,6 +63,7 @@ REFERENCES = {
     "warp": "grid_sample + stored grid",
     "integrate": f"VecInt ({STEPS}x grid_sample + grid)",
     "local_ncc": f"conv3d ones {WINDOW}^3",
+    "mutual_information": f"Parzen {BINS} bins, dense + bmm",
 }
 
 
@@ -106,6 +113,26 @@ def ncc_reference(fixed: torch.Tensor, moving: torch.Tensor, window: int = WINDO
     return cc.flatten(1).mean(1)
 
 
+def parzen_mi_reference(fixed: torch.Tensor, moving: torch.Tensor, bins: int = BINS, sigma: float = SIGMA):
+    """The Parzen-window MI training used before the kernel: ``(B, 1, D, H, W)`` pair in 0..1 -> ``(B,)`` nats.
+
+    Dense ``(B, N, bins)`` Gaussian weights per image, normalised per voxel, and
+    one ``bmm`` for the joint histogram; float32.
+    """
+    centres = torch.linspace(0.0, 1.0, bins, device=fixed.device, dtype=torch.float32)
+    spread = 2.0 * (sigma / (bins - 1)) ** 2
+
+    def weights(image: torch.Tensor) -> torch.Tensor:  # (B, N, bins)
+        x = image.float().flatten(1).clamp(0.0, 1.0).unsqueeze(-1)
+        w = torch.exp(-((x - centres) ** 2) / spread)
+        return w / w.sum(-1, keepdim=True)
+
+    wf, wm = weights(fixed), weights(moving)
+    joint = torch.bmm(wf.transpose(1, 2), wm) / wf.shape[1]  # (B, bins, bins)
+    pf, pm = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    return (joint * torch.log((joint + 1e-10) / (pf * pm + 1e-10))).sum((1, 2))
+
+
 def _smooth(batch, channels, shape, amplitude, factor, gen, device) -> torch.Tensor:
     """A random field in [-amplitude, amplitude], trilinear from a grid ``factor`` times coarser."""
     coarse = [max(2, s // factor) for s in shape]
@@ -133,6 +160,16 @@ def _setup(op, shape, batch, device, gen):
     fixed = _smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5
     moving = 0.7 * fixed + 0.3 * (_smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5)
     # training differentiates the loss in the (warped) moving image only
+    if op == "mutual_information":
+        # another contrast: a non-monotonic remap of the moving image
+        moving = 1 - (2 * moving - 1) ** 2
+        return (
+            (fixed, moving),
+            (1,),
+            fixed[:, 0, 0, 0, 0],
+            lambda f, m: kernels.mutual_information(f, m, BINS, SIGMA),
+            parzen_mi_reference,
+        )
     return (fixed, moving), (1,), fixed[:, 0, 0, 0, 0], lambda f, m: kernels.local_ncc(f, m, WINDOW), ncc_reference
 
 
@@ -225,17 +262,17 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
 
 def _print_table(rows, cuda: bool) -> None:
     head = (
-        f"{'op':<10} {'pass':<8} {'B':>2} {'path':<10} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8} "
+        f"{'op':<18} {'pass':<8} {'B':>2} {'path':<10} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8} "
         f"{'max|diff|':>9} {'check':<5}"
     )
     print(head + (f" {'TB/s':>5} {'floor ms':>8}" if cuda else ""))
     print("-" * len(head) + ("-" * 15 if cuda else ""))
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} ERROR: {r['error']}")
+            print(f"{r['op']:<18} {r['pass']:<8} {r['batch']:>2} ERROR: {r['error']}")
             continue
         line = (
-            f"{r['op']:<10} {r['pass']:<8} {r['batch']:>2} {r['path']:<10} {r['ours_ms']:>9.3f} {r['ref_ms']:>9.3f} "
+            f"{r['op']:<18} {r['pass']:<8} {r['batch']:>2} {r['path']:<10} {r['ours_ms']:>9.3f} {r['ref_ms']:>9.3f} "
             f"{r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e} {r['check']:<5}"
         )
         if cuda and "ours_TBps" in r:

@@ -12,7 +12,10 @@ def test_kernel_benchmark_checks_every_op_and_writes_json(kernels_run):
     assert result["shape"] == [6, 7, 8] and result["batch_sizes"] == [1, 2]
     rows = result["rows"]
     assert {(r["op"], r["pass"], r["batch"]) for r in rows} == {
-        (op, p, b) for op in ("warp", "integrate", "local_ncc") for p in ("fwd", "fwd+bwd") for b in (1, 2)
+        (op, p, b)
+        for op in ("warp", "integrate", "local_ncc", "mutual_information")
+        for p in ("fwd", "fwd+bwd")
+        for b in (1, 2)
     }
     for row in rows:
         assert row["check"] == "ok" and row["path"] == "torch-twin"
