@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lumireg.contract import INTEGRATION_STEPS
-from lumireg.kernels import integrate, local_ncc, warp
+from lumireg.kernels import integrate, local_ncc, mutual_information, warp
 
 SIMILARITIES = ("ncc", "mi")
 NCC_WINDOW_HALF = 5  # voxels of the half-resolution grid: 10 mm, near the 9 mm of the training loss
@@ -46,8 +46,6 @@ def half_resolution(image: torch.Tensor) -> torch.Tensor:
 def _similarity(name: str, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     if name == "ncc":
         return local_ncc(fixed, moving, NCC_WINDOW_HALF)
-    from lumireg.kernels import mutual_information
-
     return mutual_information(fixed, moving, MI_BINS)
 
 

@@ -123,6 +123,29 @@ def test_passes_parameter_chooses_the_cascade(client, pair, in_process_two_passe
     assert np.abs(in_process_two_passes["displacement"] - in_process["displacement"]).max() > 0.1  # passes matter
 
 
+def test_refine_parameter_refines_the_networks_answer_on_the_server(client, pair, in_process):
+    parameters = {"refine": 2, "similarity": "ncc"}
+    refined = infer(client, ["displacement"], parameters, fixed=pair["fixed"], moving=pair["moving"])
+    expected = _in_process_refined(pair, 2)
+    difference = np.abs(refined.as_numpy("displacement") - expected)
+    assert np.median(difference) <= 1e-3 and difference.max() <= 0.05  # ONNX vs PyTorch network, two Adam steps
+    assert np.abs(expected - in_process["displacement"]).max() > 0.05  # refinement moved the field
+
+
+def _in_process_refined(pair, steps: int) -> np.ndarray:
+    """The bundled network in PyTorch, its velocity refined ``steps`` steps as the server does."""
+    from lumireg.export.onnx import VelocityGraph
+    from lumireg.network.cascade import cascade
+    from lumireg.network.checkpoint import load_model
+    from lumireg.network.refine import refine
+
+    fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
+    with torch.no_grad():
+        return cascade(
+            VelocityGraph(load_model()), fixed, moving, 1, refine_last=lambda f, m, v: refine(v, f, m, steps)[0]
+        )[0].numpy()
+
+
 @pytest.mark.parametrize(
     "parameters,words",
     [
@@ -130,6 +153,9 @@ def test_passes_parameter_chooses_the_cascade(client, pair, in_process_two_passe
         ({"passes": 9}, ["passes", "1..4"]),
         ({"passes": "two"}, ["passes", "int"]),
         ({"pases": 2}, ["pases"]),
+        ({"refine": 201}, ["refine", "0..200"]),
+        ({"refine": -1}, ["refine", "0..200"]),
+        ({"similarity": "ssd"}, ["similarity", "ncc | mi"]),
     ],
 )
 def test_bad_parameters_are_refused_with_invalid_argument(client, server, pair, parameters, words):
