@@ -197,7 +197,7 @@ def _batch_jobs(args, pairs: list[Pair], requested: tuple[str, ...] | None) -> l
                 f"labels (a third CSV column, or {LABEL_KEY!r} in a JSON entry)"
             )
     out_dir = Path(args.out)
-    return [
+    jobs = [
         _Job(
             pair,
             requested or default_outputs(pair.moving_labels is not None, DEFAULT_OUTPUTS),
@@ -205,6 +205,15 @@ def _batch_jobs(args, pairs: list[Pair], requested: tuple[str, ...] | None) -> l
         )
         for pair in pairs
     ]
+    seen = {}
+    for n, job in enumerate(jobs):
+        if job.target in seen:
+            raise ValueError(
+                f"{args.pairs}: pairs {seen[job.target] + 1} and {n + 1} would both write {job.target.name} "
+                f"({job.pair.fixed_name} <- {job.pair.moving_name})"
+            )
+        seen[job.target] = n
+    return jobs
 
 
 def _finished(job: _Job, args) -> bool:
@@ -298,6 +307,18 @@ def add_security_arguments(parser) -> None:
     )
 
 
+def _check_output_folder(out: str) -> None:
+    """``ValueError`` unless ``out`` is, or can be made as, a writable folder (checked before anything is sent)."""
+    import os
+
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"-o {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {out}: {existing} is not writable")
+
+
 def _usage_error(args) -> str | None:
     if bool(args.pairs) == bool(args.fixed and args.moving) or (args.fixed and not args.moving):
         return "give FIXED MOVING, or --pairs PAIRS"
@@ -326,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if on_main_thread else None
     try:
         requested = _requested_outputs(args.outputs)
+        _check_output_folder(args.out)
         with RegistrationClient(
             args.url,
             transport=args.transport,

@@ -116,7 +116,9 @@ def to_canvas(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Placeme
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     fine = spacing < CANVAS_SPACING_MM * (1 - 1e-3)
     if fine.any():
-        image = ndimage.gaussian_filter(image, np.where(fine, 0.4 * CANVAS_SPACING_MM / spacing, 0), mode="nearest")
+        # capped at the image's own size: a (mis-scaled) micrometre affine would ask for a kernel larger than memory
+        sigma = np.minimum(np.where(fine, 0.4 * CANVAS_SPACING_MM / spacing, 0), np.array(data.shape, dtype=float))
+        image = ndimage.gaussian_filter(image, sigma, mode="nearest")
     canvas_affine = canvas_affine_for(data.shape, affine)
     pull = np.linalg.inv(affine) @ canvas_affine
     # cval=lo: outside the field of view maps to 0 whatever the image's intensity range

@@ -61,6 +61,10 @@ class InputError(LumiregError, ValueError):
     """An input image that cannot be registered (missing, unreadable, not 3-D, empty)."""
 
 
+class OutputError(LumiregError, OSError):
+    """A result file could not be written (disk full, no permission); nothing partial is left behind."""
+
+
 class ServerUnavailable(LumiregError):
     """No server answered at the URL, even after retrying."""
 
@@ -88,11 +92,14 @@ def load_image(source, what: str, affine: np.ndarray | None = None) -> Image:
             source = nib.load(str(path))
             data = np.asanyarray(source.dataobj)
         except Exception as exc:
-            raise InputError(f"{what}: cannot read {path} as a NIfTI image ({exc})") from exc
+            reason = " ".join(str(exc).split())  # one line, whatever the reader's message holds
+            raise InputError(f"{what}: cannot read {path} as a NIfTI image ({reason})") from exc
     if isinstance(source, nib.spatialimages.SpatialImage):
         data, affine, header = np.asanyarray(source.dataobj), source.affine, source.header
     else:
         data, header = np.asarray(source), None
+    if data.size == 0:
+        raise InputError(f"{what}: the image is empty (it has no voxels, shape {data.shape})")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -121,19 +128,26 @@ class RegistrationResult:
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write every output present to ``out_dir`` (:data:`FILES` names); each file appears whole or not at all."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         written = {}
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
         for name, filename in FILES.items():
             value = getattr(self, name)
             if value is None:
                 continue
             target = out_dir / filename
             partial = out_dir / f".partial-{os.getpid()}-{filename}"
-            if name == "qc":
-                partial.write_text(json.dumps(value, indent=2) + "\n")
-            else:
-                nib.save(value, str(partial))
-            partial.replace(target)
+            try:
+                if name == "qc":
+                    partial.write_text(json.dumps(value, indent=2) + "\n")
+                else:
+                    nib.save(value, str(partial))
+                partial.replace(target)
+            except OSError as exc:
+                partial.unlink(missing_ok=True)  # files appear whole or not at all
+                raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
             written[name] = target
         return written
 
@@ -403,6 +417,12 @@ def _load_labels(source, moving: Image) -> Image:
                 f"moving_labels: values must be whole numbers (a label map), got {labels.data.dtype} with fractions"
             )
         labels.data = labels.data.astype(np.int32)
+    info = np.iinfo(np.int32)
+    if labels.data.size and (labels.data.min() < info.min or labels.data.max() > info.max):
+        raise InputError(
+            f"moving_labels: label values must fit in 32 bits ({info.min}..{info.max}), "
+            f"got {labels.data.min()}..{labels.data.max()}"
+        )
     return labels
 
 
