@@ -12,7 +12,12 @@ nonzero voxels, SDlogJ, and seconds per pair. The sets (:data:`SETS`):
 - ``independent``: :mod:`lumireg.benchmarks.independent_pairs`, a generator
   that shares no code with training (B-spline warps, another contrast model,
   54 tissue x 3 x 3 x 2 parcel labels), so a network cannot have learnt its
-  family: the set to believe.
+  family: the set to believe;
+- ``contrast``: the same pairs with one image T2-like (cross-contrast, the
+  LUMIR zero-shot task), for the refinement with mutual information.
+
+Methods: ``none``, ``syn`` (antspyx), and lumireg with the request parameters
+of :data:`REQUESTS` (the network alone, two passes, refinement with NCC or MI).
 
 Each set's and method's rows go to ``<out>/<device>/accuracy-<method>.json``
 (synthetic) or ``accuracy-<set>-<method>.json`` so a slow baseline (SyN takes
@@ -51,14 +56,23 @@ from lumireg.evaluate import (
     warp_labels_nearest,
 )
 
-# lumireg: the network alone (the service's default, passes=1); lumireg-2passes: the request parameter passes=2
-METHODS = ("none", "syn", "lumireg", "lumireg-2passes")
-PASSES = {"lumireg": 1, "lumireg-2passes": 2}
+REFINE_STEPS = 20  # the refinement methods' default steps (--refine-steps)
+# each lumireg method is a set of request parameters (lumireg.contract.PARAMETERS) the service would get;
+# lumireg: the network alone (the service's default); the refine steps are filled in from --refine-steps
+REQUESTS = {
+    "lumireg": {"passes": 1},
+    "lumireg-2passes": {"passes": 2},
+    "lumireg-refine": {"passes": 1, "similarity": "ncc"},
+    "lumireg-refine-mi": {"passes": 1, "similarity": "mi"},
+}
+METHODS = ("none", "syn", *REQUESTS)
 METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
 SETS = {  # name -> where its pairs come from
     "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
     "independent": "lumireg.benchmarks.independent_pairs (B-spline warps, tissue-mixture contrast, Rician noise; "
     "no code shared with training); 54 tissue x 3x3x2 parcel labels",
+    "contrast": "the independent pairs with one image re-rendered T2-like (CSF bright, WM dark): fixed T1 and "
+    "moving T2 for even indices, the reverse for odd ones; same labels",
 }
 
 
@@ -86,24 +100,37 @@ def _register_syn(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
     return np.stack(disp).astype(np.float32)
 
 
-def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, passes: int = 1) -> np.ndarray:
-    """The network in PyTorch, ``passes`` passes as the server runs them (uint8 images between passes)."""
+def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, request: dict) -> np.ndarray:
+    """The network in PyTorch with the service's request parameters ``request``, as the server runs them."""
     import torch
 
     from lumireg.export.onnx import VelocityGraph
     from lumireg.network.cascade import cascade
+    from lumireg.network.refine import refine
+
+    steps = model.config.steps
+    refine_last = None
+    if request.get("refine"):
+
+        def refine_last(f, m, velocity):
+            return refine(velocity, f, m, request["refine"], request["similarity"], steps=steps)[0]
 
     with torch.inference_mode():
         pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
-        return cascade(VelocityGraph(model), *pair, passes, model.config.steps)[0][0].numpy()
+        return cascade(VelocityGraph(model), *pair, request["passes"], steps, refine_last=refine_last)[0][0].numpy()
 
 
-REGISTER = {
-    "none": _register_none,
-    "syn": _register_syn,
-    "lumireg": _register_lumireg,  # the network alone
-    "lumireg-2passes": lambda fixed, moving, model: _register_lumireg(fixed, moving, model, PASSES["lumireg-2passes"]),
-}
+REGISTER = {"none": _register_none, "syn": _register_syn}
+
+
+def _request(method: str, refine_steps: int) -> dict:
+    """The request parameters of lumireg method ``method``, checked as the service checks them."""
+    from lumireg.contract import request_parameters
+
+    request = dict(REQUESTS[method])
+    if "similarity" in request:
+        request["refine"] = refine_steps
+    return request_parameters(request)
 
 
 def score(disp: np.ndarray, sample: dict, labels: list[int]) -> dict:
@@ -184,7 +211,7 @@ def set_labels(name: str) -> list[int]:
     """The label values scored on set ``name`` (:data:`SETS`), background excluded."""
     if name == "synthetic":
         from lumireg.train.canvas import LABELS
-    elif name == "independent":
+    elif name in ("independent", "contrast"):
         from lumireg.benchmarks.independent_pairs import LABELS
     else:
         raise ValueError(f"unknown set {name!r}; sets: {', '.join(SETS)}")
@@ -210,9 +237,10 @@ def pair_set(name: str, pairs: int, shape: tuple[int, int, int] | None = None) -
     from lumireg.benchmarks.independent_pairs import independent_pair
 
     def load(index: int) -> dict:  # the generator is numpy-only; the harness and its figure take tensors
+        contrasts = ("t1", "t1") if name == "independent" else (("t1", "t2"), ("t2", "t1"))[index % 2]
         return {
             k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-            for k, v in independent_pair(index, shape).items()
+            for k, v in independent_pair(index, shape, contrasts=contrasts).items()
         }
 
     return [lambda i=i: load(i) for i in range(pairs)]
@@ -231,6 +259,7 @@ def benchmark(
     model=None,
     checkpoint: str | None = None,
     sets=tuple(SETS),
+    refine_steps: int = REFINE_STEPS,
 ) -> dict:
     """Register ``pairs`` pairs of each of ``sets`` with each of ``methods``; write the results under ``out``.
 
@@ -242,11 +271,13 @@ def benchmark(
         shape: ``(D, H, W)`` voxels of the pairs; ``None``: LUMIR's canvas at 1 mm.
         model: the network, needed for method ``lumireg``; ``checkpoint``: its name in the results.
         sets: names from :data:`SETS`, in the order to run.
+        refine_steps: the request parameter ``refine`` of the refinement methods.
 
     Returns:
         The ``accuracy.json`` content: header, ``units``, ``sets: {set: {"pairs_from", "labels", "methods":
         {method: {"pairs", "shape", "summary": {metric: {"mean", "std"}}, ...}}}}``.
     """
+    requests = {name: _request(name, refine_steps) for name in REQUESTS}
     shown = {}
     for set_name in sets:
         labels, loaders = set_labels(set_name), pair_set(set_name, pairs, shape)
@@ -256,7 +287,10 @@ def benchmark(
             fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
             for method in methods:
                 started = time.perf_counter()
-                disp = REGISTER[method](fixed, moving, model)
+                if method in requests:
+                    disp = _register_lumireg(fixed, moving, model, requests[method])
+                else:
+                    disp = REGISTER[method](fixed, moving, model)
                 seconds = time.perf_counter() - started
                 rows[method].append({"seed": int(sample["seed"]), **score(disp, sample, labels), "seconds": seconds})
                 if method == "lumireg" and set_name not in shown:
@@ -267,7 +301,7 @@ def benchmark(
                 "set": set_name,
                 "method": method,
                 "checkpoint": str(checkpoint or "bundled default") if method.startswith("lumireg") else None,
-                "passes": PASSES.get(method),
+                "request": requests.get(method),
                 "shape": list(sample["fixed"].shape[1:]),
                 "pairs": len(rows[method]),
                 "summary": _summary(rows[method]),
@@ -284,7 +318,7 @@ def benchmark(
                 entry.setdefault("commit", entry.get("lumireg_commit"))  # files written before the common header
                 entries[method] = {
                     k: entry.get(k)
-                    for k in ("pairs", "shape", "summary", "device", "commit", "date", "checkpoint", "passes")
+                    for k in ("pairs", "shape", "summary", "device", "commit", "date", "checkpoint", "request")
                 }
         if entries:
             table[set_name] = {"pairs_from": SETS[set_name], "labels": len(set_labels(set_name)), "methods": entries}
@@ -317,6 +351,12 @@ def add_arguments(parser) -> None:
         help="folder for the results, a sub-folder per device (default: benchmarks/results)",
     )
     parser.add_argument("--sets", default=",".join(SETS), help=f"pair sets (default: {','.join(SETS)})")
+    parser.add_argument(
+        "--refine-steps",
+        type=int,
+        default=REFINE_STEPS,
+        help=f"request parameter refine of the lumireg-refine methods (default: {REFINE_STEPS})",
+    )
 
 
 def run(args) -> int:
@@ -342,6 +382,11 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    try:
+        [_request(name, args.refine_steps) for name in REQUESTS]
+    except ValueError as exc:
+        print(f"lumireg bench accuracy: --refine-steps: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if "syn" in methods and find_spec("ants") is None:
         print(
             "lumireg bench accuracy: method syn (ANTs SyN) needs antspyx: pip install 'lumireg[bench]', "
@@ -356,5 +401,6 @@ def run(args) -> int:
         return EXIT_USAGE
     out = Path(args.out) / slug(f"cpu {cpu_model()}")
     out.mkdir(parents=True, exist_ok=True)
-    benchmark(methods, args.pairs, out, shape, model, args.checkpoint, sets=tuple(dict.fromkeys(sets)))
+    sets = tuple(dict.fromkeys(sets))
+    benchmark(methods, args.pairs, out, shape, model, args.checkpoint, sets=sets, refine_steps=args.refine_steps)
     return EXIT_OK

@@ -36,7 +36,9 @@ and WM probability maps (nilearn's ICBM152 2009a, as :mod:`lumireg.train.canvas`
 crops them) and ``p_csf = 1 - p_gm - p_wm`` inside the brain mask mix three
 tissue levels drawn per image in T1 order: WM ~ U(0.7, 1), GM = WM x
 U(0.55, 0.8), CSF = GM x U(0.15, 0.5) (same contrast, so local NCC stays
-meaningful). After warping: a random monotone piecewise-linear intensity map
+meaningful); or, for cross-contrast pairs, T2-like: CSF ~ U(0.7, 1), GM = CSF x
+U(0.45, 0.7), WM = GM x U(0.5, 0.8), with the background still 0, so no
+monotonic map takes one contrast to the other. After warping: a random monotone piecewise-linear intensity map
 (knots at 0, 1/4, 1/2, 3/4, 1, increments Dirichlet(8, 8, 8, 8)), a smooth
 multiplicative bias ``exp(quadratic polynomial)`` of the normalised
 coordinates (linear coefficients N(0, 0.08), quadratic and cross N(0, 0.05)),
@@ -112,7 +114,8 @@ class IndependentConfig:
         levels: the B-spline levels, composed first-outermost (``T_1 o T_2 o ...``).
         injectivity: control displacements are bounded by ``injectivity * spacing``
             per component; ``None`` drops the bound (tests use it to show folding is caught).
-        wm, gm_over_wm, csf_over_gm: (low, high) of the tissue levels.
+        wm, gm_over_wm, csf_over_gm: (low, high) of the tissue levels (T1-like: WM > GM > CSF).
+        t2_csf, t2_gm_over_csf, t2_wm_over_gm: the same for the T2-like contrast (CSF > GM > WM).
         dirichlet: concentration of the intensity map's 4 increments (larger: closer to identity).
         bias_linear_std, bias_quadratic_std: std of the bias polynomial's coefficients.
         noise_std: (low, high) of the Rician sigma.
@@ -124,6 +127,9 @@ class IndependentConfig:
     wm: tuple[float, float] = (0.7, 1.0)
     gm_over_wm: tuple[float, float] = (0.55, 0.8)
     csf_over_gm: tuple[float, float] = (0.15, 0.5)
+    t2_csf: tuple[float, float] = (0.7, 1.0)
+    t2_gm_over_csf: tuple[float, float] = (0.45, 0.7)
+    t2_wm_over_gm: tuple[float, float] = (0.5, 0.8)
     dirichlet: float = 8.0
     bias_linear_std: float = 0.08
     bias_quadratic_std: float = 0.05
@@ -256,8 +262,27 @@ def _bias(shape: Sequence[int], rng: np.random.Generator, config: IndependentCon
     return np.exp(log_bias).astype(np.float32)
 
 
+CONTRASTS = ("t1", "t2")
+
+
+def _tissue_levels(rng: np.random.Generator, config: IndependentConfig, contrast: str) -> np.ndarray:
+    """CSF, GM, WM intensities of one image: T1-like (WM brightest) or T2-like (CSF brightest, WM darkest)."""
+    if contrast == "t1":
+        wm = rng.uniform(*config.wm)
+        gm = wm * rng.uniform(*config.gm_over_wm)
+        return np.array([gm * rng.uniform(*config.csf_over_gm), gm, wm], np.float32)
+    csf = rng.uniform(*config.t2_csf)
+    gm = csf * rng.uniform(*config.t2_gm_over_csf)
+    return np.array([csf, gm, gm * rng.uniform(*config.t2_wm_over_gm)], np.float32)
+
+
 def _image(
-    rng: np.random.Generator, shape: tuple[int, int, int], config: IndependentConfig, labels: bool, fields: bool
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    config: IndependentConfig,
+    labels: bool,
+    fields: bool,
+    contrast: str = "t1",
 ) -> dict:
     """One image: the template warped by :func:`random_field`, then the intensity model (module docstring)."""
     probabilities, label_map, (low, high) = _template()
@@ -277,10 +302,7 @@ def _image(
         for hit in (inside.any(axis=tuple(b for b in range(3) if b != a)) for a in range(3))
     )
     coords = coords[(slice(None), *box)]
-    wm = rng.uniform(*config.wm)
-    gm = wm * rng.uniform(*config.gm_over_wm)
-    csf = gm * rng.uniform(*config.csf_over_gm)
-    source = np.tensordot(np.array([csf, gm, wm], np.float32), probabilities, axes=1)
+    source = np.tensordot(_tissue_levels(rng, config, contrast), probabilities, axes=1)
     image = np.zeros(shape, np.float32)
     image[box] = ndimage.map_coordinates(source, coords, order=1, output=np.float32)
     brain = image > 0
@@ -305,6 +327,7 @@ def independent_pair(
     config: IndependentConfig | None = None,
     labels: bool = True,
     fields: bool = False,
+    contrasts: tuple[str, str] = ("t1", "t1"),
 ) -> dict:
     """Generate independent pair ``index``; the same index always gives the same pair.
 
@@ -316,6 +339,9 @@ def independent_pair(
         config: the deformation and intensity model (default :class:`IndependentConfig`).
         labels: also warp the label maps (nearest).
         fields: also return each image's true displacement from the template.
+        contrasts: the fixed and the moving image's contrast, ``"t1"`` or ``"t2"`` (:data:`CONTRASTS`);
+            the contrast changes only the three tissue levels, so the deformations, bias and noise
+            of pair ``index`` are the same in every contrast.
 
     Returns:
         numpy arrays in the sample format of ``lumireg.train.synthetic.synthetic_pair``:
@@ -332,10 +358,13 @@ def independent_pair(
     shape = tuple(int(n) for n in (shape or CANVAS))
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"shape must be three sizes >= 2, got {shape}")
+    if len(contrasts) != 2 or not set(contrasts) <= set(CONTRASTS):
+        raise ValueError(f"contrasts must be two of {CONTRASTS}, got {contrasts!r}")
     config = config or IndependentConfig()
     sample = {}
-    for name, seed in zip(("fixed", "moving"), np.random.SeedSequence([SALT, index]).spawn(2)):
-        image = _image(np.random.default_rng(seed), shape, config, labels, fields)
+    seeds = np.random.SeedSequence([SALT, index]).spawn(2)
+    for name, seed, contrast in zip(("fixed", "moving"), seeds, contrasts):
+        image = _image(np.random.default_rng(seed), shape, config, labels, fields, contrast)
         sample[name] = image["image"]
         if labels:
             sample[f"{name}_labels"] = image["labels"]

@@ -95,13 +95,16 @@ def refine(
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
     if iterations == 0:
         return velocity, []
-    start = velocity.detach().float()
-    fixed, moving = half_resolution(fixed), half_resolution(moving)
-    if fixed.shape[2:] != start.shape[2:]:
-        raise ValueError(f"velocity {tuple(start.shape)} is not on the half-resolution grid of {tuple(fixed.shape)}")
-    current = start.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([current], lr=learning_rate)
-    with torch.enable_grad():  # the server runs under no_grad
+    # a caller's inference_mode or no_grad must not stop the optimisation: fresh tensors, grad on
+    with torch.inference_mode(False), torch.enable_grad():
+        start = velocity.detach().float().clone()
+        fixed, moving = half_resolution(fixed.clone()), half_resolution(moving.clone())
+        if fixed.shape[2:] != start.shape[2:]:
+            raise ValueError(
+                f"velocity {tuple(start.shape)} is not on the half-resolution grid of {tuple(fixed.shape)}"
+            )
+        current = start.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([current], lr=learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad(set_to_none=True)
             loss = smooth_weight * _smoothness(current) - symmetric_similarity(
@@ -109,11 +112,11 @@ def refine(
             )
             loss.sum().backward()  # pairs are independent: each one's gradient is its own
             optimiser.step()
-    with torch.no_grad():
-        before = symmetric_similarity(start, fixed, moving, similarity, steps)
-        after = symmetric_similarity(current, fixed, moving, similarity, steps)
-        converged = torch.isfinite(after) & torch.isfinite(current).flatten(1).all(1) & (after > before)
-        refined = torch.where(converged.view(-1, 1, 1, 1, 1), current, start)
+        with torch.no_grad():
+            before = symmetric_similarity(start, fixed, moving, similarity, steps)
+            after = symmetric_similarity(current, fixed, moving, similarity, steps)
+            converged = torch.isfinite(after) & torch.isfinite(current).flatten(1).all(1) & (after > before)
+            refined = torch.where(converged.view(-1, 1, 1, 1, 1), current, start)
     reports = [
         {"steps": iterations, "similarity": similarity, "before": b, "after": a, "converged": c}
         for b, a, c in zip(before.tolist(), after.tolist(), converged.tolist())

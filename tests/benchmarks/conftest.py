@@ -77,8 +77,11 @@ def kernels_run(bench) -> BenchRun:
 
 @pytest.fixture(scope="session")
 def accuracy_run(bench, tmp_path_factory) -> BenchRun:
-    """Every method (SyN included) on two 48 x 64 x 48 held-out pairs, lumireg with untrained weights."""
+    """Every method (SyN included) on two 48 x 64 x 48 held-out pairs of every set, lumireg with untrained
+    weights, refinement 3 steps."""
     from lumireg.network import LumiNet, save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path_factory.mktemp("weights") / "untrained.pt", LumiNet())
-    return bench("accuracy", "--pairs", "2", "--shape", "48,64,48", "--checkpoint", str(checkpoint))
+    return bench(
+        "accuracy", "--pairs", "2", "--shape", "48,64,48", "--checkpoint", str(checkpoint), "--refine-steps", "3"
+    )

@@ -21,11 +21,11 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     assert accuracy_run.code == EXIT_OK, accuracy_run.stderr
     folder = accuracy_run.folder
     sets = json.loads((folder / "accuracy.json").read_text())["sets"]
-    assert list(sets) == ["synthetic", "independent"]  # both by default
-    assert (sets["synthetic"]["labels"], sets["independent"]["labels"]) == (24, 54)
+    assert list(sets) == ["synthetic", "independent", "contrast"]  # every set by default
+    assert [entries["labels"] for entries in sets.values()] == [24, 54, 54]
     assert [sorted(entries["methods"]) for entries in sets.values()] == [
-        ["lumireg", "lumireg-2passes", "none", "syn"]
-    ] * 2
+        ["lumireg", "lumireg-2passes", "lumireg-refine", "lumireg-refine-mi", "none", "syn"]
+    ] * 3
     assert sets["independent"]["methods"]["none"]["pairs"] == 2
     table = sets["synthetic"]["methods"]
     for entry in table.values():
@@ -49,7 +49,13 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     # an untrained network starts at the identity: it scores as no registration does
     for method in ("lumireg", "lumireg-2passes"):
         assert abs(table[method]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
-    assert (table["lumireg"]["passes"], table["lumireg-2passes"]["passes"]) == (1, 2)
+    requests = {method: table[method]["request"] for method in table if method.startswith("lumireg")}
+    assert requests == {
+        "lumireg": {"passes": 1, "refine": 0, "similarity": "ncc"},
+        "lumireg-2passes": {"passes": 2, "refine": 0, "similarity": "ncc"},
+        "lumireg-refine": {"passes": 1, "refine": 3, "similarity": "ncc"},
+        "lumireg-refine-mi": {"passes": 1, "refine": 3, "similarity": "mi"},
+    }
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -71,7 +77,13 @@ def test_syn_displacement_is_read_back_in_lumireg_convention():
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--methods", "none,elastix"), ("--pairs", "0"), ("--shape", "48,64"), ("--sets", "synthetic,octants")],
+    [
+        ("--methods", "none,elastix"),
+        ("--pairs", "0"),
+        ("--shape", "48,64"),
+        ("--sets", "synthetic,octants"),
+        ("--refine-steps", "1000"),
+    ],
 )
 def test_accuracy_benchmark_refuses_bad_options(tmp_path, capsys, option, value):
     args = build_parser().parse_args(["bench", "accuracy", option, value, "--out", str(tmp_path)])

@@ -76,6 +76,18 @@ def test_t1_order_of_the_tissues(pair):
         assert csf < gm < wm
 
 
+def test_a_cross_contrast_pair_keeps_its_geometry_and_reverses_the_tissue_order(pair):
+    crossed = independent_pair(3, SHAPE, fields=True, contrasts=("t1", "t2"))
+    for key in ("fixed", "fixed_labels", "moving_labels", "fixed_disp", "moving_disp"):
+        np.testing.assert_array_equal(crossed[key], pair[key])  # only the moving image's tissue levels change
+    labels = crossed["moving_labels"][0]
+    tissue = (labels - 1) // 18
+    csf, gm, wm = (np.median(crossed["moving"][0][(labels > 0) & (tissue == t)]) for t in range(3))
+    assert csf > gm > wm
+    with pytest.raises(ValueError, match="contrasts must be two of"):
+        independent_pair(3, SHAPE, contrasts=("t1", "flair"))
+
+
 def test_the_module_imports_neither_torch_nor_the_training_generator_nor_the_kernels():
     code = (
         "import sys\n"

@@ -123,3 +123,10 @@ def test_bad_arguments_are_refused(kwargs, message):
     arguments = {"velocity": torch.zeros(1, 3, *HALF), "fixed": fixed, "moving": moving, "iterations": 1}
     with pytest.raises(ValueError, match=message):
         refine(**{**arguments, **kwargs})
+
+
+def test_refinement_runs_under_a_callers_inference_mode():
+    fixed, moving, _ = _known_pair()
+    with torch.inference_mode():
+        refined, [report] = refine(torch.zeros(1, 3, *HALF), fixed, moving, 3)
+    assert report["converged"] and refined.abs().max() > 0
