@@ -11,9 +11,10 @@ exactly the challenge's ``disp_{fixedID}_{movingID}.nii.gz`` files (float32;
 evaluators read). Every file is written whole or not at all, so a batch can be
 stopped and started again: finished pairs are skipped.
 
-Exit codes (:mod:`lumireg.contract`): 0 all done, 1 some pair failed or the
-server refused, 2 bad input or usage (a missing or refused access key too), 3 no
-server, 130 interrupted (Ctrl-C or SIGTERM).
+Exit codes (:mod:`lumireg.contract`): 0 all done, 1 some pair failed, the
+server refused, or a QC report has warnings (when ``qc`` is asked for, unless
+``--allow-warnings``), 2 bad input or usage (a missing or refused access key
+too), 3 no server, 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -169,7 +170,21 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
             f"qc: NDV {result.qc['ndv_percent']:.4f} %, NCC {result.qc['ncc_before']:.3f} -> "
             f"{result.qc['ncc_after']:.3f}, min Jacobian {result.qc['jacobian_min']:.3f}"
         )
-    return EXIT_OK
+        refinement = result.qc.get("refinement")
+        if refinement:
+            print(
+                f"refinement: {refinement['steps']} steps of {refinement['similarity']}, "
+                f"{refinement['before']:.3f} -> {refinement['after']:.3f}"
+            )
+    warnings = qc_warnings(result.qc)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_FAILURE if warnings and not args.allow_warnings else EXIT_OK
+
+
+def qc_warnings(qc: dict | None) -> list[str]:
+    """The QC report's warnings as ``"code: message"`` lines (none without a report)."""
+    return [f"{warning['code']}: {warning['message']}" for warning in (qc or {}).get("warnings", [])]
 
 
 @dataclass(frozen=True)
@@ -247,26 +262,31 @@ def _batch(args, client, requested: tuple[str, ...] | None) -> int:
             _save_submission(result, job.target, args.fp16)
         else:
             result.save(job.target)
+        return qc_warnings(result.qc)
 
-    failures, start = [], time.perf_counter()
+    failures, flagged, start = [], [], time.perf_counter()
     pool = ThreadPoolExecutor(args.concurrency)
     try:
         futures = {pool.submit(one, job): job for job in todo}
         for future in tqdm(as_completed(futures), total=len(futures), desc="register", unit="pair"):
+            pair = futures[future].pair
             if future.exception() is not None:
-                pair = futures[future].pair
                 failures.append(f"{pair.fixed.name} <- {pair.moving.name}: {future.exception()}")
+            else:
+                flagged += [f"{pair.fixed.name} <- {pair.moving.name}: {w}" for w in future.result()]
     finally:  # on Ctrl-C the pairs in flight finish (their files whole), the queued ones are dropped
         pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     done = len(todo) - len(failures)
     print(
         f"registered {done} pair(s) in {seconds:.1f} s ({done / seconds if seconds else 0:.2f} pairs/s); "
-        f"{len(jobs) - len(todo)} already done; {len(failures)} failed"
+        f"{len(jobs) - len(todo)} already done; {len(failures)} failed; {len(flagged)} QC warning(s)"
     )
     for failure in failures:
         print(f"  failed: {failure}", file=sys.stderr)
-    return EXIT_FAILURE if failures else EXIT_OK
+    for warning in flagged:
+        print(f"  warning: {warning}", file=sys.stderr)
+    return EXIT_FAILURE if failures or (flagged and not args.allow_warnings) else EXIT_OK
 
 
 def _requested_outputs(text: str | None) -> tuple[str, ...] | None:
@@ -448,6 +468,11 @@ def add_parser(sub) -> None:
             help=f"{parameter.meaning} (default: the server's, {parameter.default})",
         )
     add_security_arguments(register)
+    register.add_argument(
+        "--allow-warnings",
+        action="store_true",
+        help="exit 0 even when a pair's QC report has warnings (they are still printed)",
+    )
     register.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default: 600)")
     register.add_argument(
         "--retry-seconds",

@@ -521,3 +521,35 @@ def test_interrupted_register_exits_130_with_one_line(how, server, lumir_files, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0], err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+FLAGGED_QC = {
+    "ndv_percent": 0.0,
+    "ncc_before": 0.30,
+    "ncc_after": 0.20,
+    "jacobian_min": 0.5,
+    "warnings": [{"code": "similarity_decreased", "message": "worse than before registration"}],
+}
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_qc_warnings_are_printed_and_fail_the_command_unless_allowed(
+    allow, server, lumir_files, tmp_path, capsys, monkeypatch
+):
+    from lumireg.client.registration import RegistrationResult
+    from lumireg.contract import EXIT_FAILURE
+
+    monkeypatch.setattr(RegistrationClient, "register", lambda *args, **kwargs: RegistrationResult(qc=FLAGGED_QC))
+    fixed, moving = (lumir_files / "imagesVal" / n for n in LUMIR_NAMES[:2])
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"{fixed},{moving}\n{moving},{fixed}\n")
+    allowing = ["--allow-warnings"] if allow else []
+    one = ["register", str(fixed), str(moving), "-o", str(tmp_path / "one"), "--url", server.grpc_url, *allowing]
+    assert main(one) == (EXIT_OK if allow else EXIT_FAILURE)
+    err = capsys.readouterr().err
+    assert "warning: similarity_decreased: worse than before registration" in err
+    assert json.loads((tmp_path / "one" / "qc.json").read_text())["warnings"] == FLAGGED_QC["warnings"]
+    batch = ["register", "--pairs", str(pairs), "-o", str(tmp_path / "batch"), "--url", server.grpc_url, *allowing]
+    assert main(batch) == (EXIT_OK if allow else EXIT_FAILURE)
+    captured = capsys.readouterr()
+    assert "2 QC warning(s)" in captured.out and captured.err.count("similarity_decreased") == 2
