@@ -15,11 +15,18 @@ FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
 WORKDIR /opt/lumireg
 COPY . /opt/lumireg
-# the image's python backend runs the system Python 3.12; lumireg and its server extra go into it
+# the image's python backend runs the system Python 3.12; lumireg and its server extra go into it.
+# The model repository is owned by root and read-only: the server (not root) can load it, never change it.
 RUN python3 -m pip install --no-cache-dir '.[server]' \
- && lumireg export --variant onnx --repository /opt/lumireg/models
+ && lumireg export --variant onnx --repository /opt/lumireg/models \
+ && chmod -R a-w,a+rX /opt/lumireg/models \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin lumireg
 
+USER 10001:10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s CMD curl -fs localhost:8000/v2/health/ready || exit 1
-CMD ["tritonserver", "--model-repository=/opt/lumireg/models", \
+# --model-control-mode=none: models load at start and never over the API (no remote load, unload or swap).
+# TLS and the access key (README, "Deploying in a hospital"): mount the certificates and the key file read-only and
+# add --grpc-use-ssl-mutual / --grpc-restricted-protocol as lumireg serve does, or run `lumireg serve` instead.
+CMD ["tritonserver", "--model-repository=/opt/lumireg/models", "--model-control-mode=none", \
      "--cuda-memory-pool-byte-size=0:2147483648", "--allow-gpu-metrics=true"]
