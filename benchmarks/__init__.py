@@ -20,6 +20,7 @@ BENCHMARKS = {  # subcommand (= module) -> its line in `lumireg bench --help`
     "load": "open-loop load test at a fixed arrival rate: latency over time, every error counted",
     "kernels": "time the kernels against the PyTorch reference paths",
     "accuracy": "Dice / HD95 / NDV of lumireg vs no registration and ANTs SyN on held-out pairs",
+    "refine": "cost of one refinement step and of requests with refine steps",
 }
 
 
@@ -47,10 +48,10 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
 
 def add_parser(sub) -> None:
-    """``lumireg bench service|load|kernels|accuracy``; ``lumireg bench`` alone lists them (exit code EXIT_USAGE)."""
+    """``lumireg bench service|load|kernels|accuracy|refine``; ``lumireg bench`` alone lists them (EXIT_USAGE)."""
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: service, load, kernels, accuracy",
+        help="benchmarks: " + ", ".join(BENCHMARKS),
         description="Benchmarks of lumireg; each subcommand has its own options (--help).",
     )
     modes = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", parser_class=_BenchmarkParser)

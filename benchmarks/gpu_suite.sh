@@ -12,6 +12,7 @@
 #   2. record the environment (nvidia-smi, versions, commit); stop if torch sees no GPU;
 #   3. python -m pytest tests/kernels -q  (tests/conftest.py puts the Triton kernels on CUDA);
 #   4. lumireg bench kernels at LUMIR's full size (extra options: BENCH_ARGS="--repeats 20");
+#      then lumireg bench refine: one refinement step and requests with refine = 10, 25, 50;
 #   5. the GPU serving path: the embedded server's tests (models on the GPU, post-processing in the
 #      Triton kernels on CUDA tensors), the client's tests, and `make serve`'s export;
 #   6. lumireg bench service (the sweep, B=1..8, C=1..8) and lumireg bench load (60 s at 20 requests/s).
@@ -68,6 +69,15 @@ step "4. kernel benchmark, full size" | tee "$LOGS/bench.log"
 json=$(sed -n 's/^wrote //p' "$LOGS/bench.log" | tail -n 1)
 if [ -n "${OUT:-}" ] && [ -f "$json" ]; then
     cp "$json" "$OUT/kernels-$(basename "$(dirname "$json")").json"
+fi
+
+step "4b. refinement: one step (NCC, MI) and requests with refine = 10, 25, 50 (goal: 50 steps < 100 ms)" \
+    | tee "$LOGS/refine.log"
+"$PY" -m lumireg bench refine --device cuda --steps 10,25,50 --repeats 5 --out benchmarks/results 2>&1 \
+    | tee -a "$LOGS/refine.log" || status=1
+json=$(sed -n 's/^wrote //p' "$LOGS/refine.log" | tail -n 1)
+if [ -n "${OUT:-}" ] && [ -f "$json" ]; then
+    cp "$json" "$OUT/refine-$(basename "$(dirname "$json")").json"
 fi
 
 step "5. GPU serving path: embedded server and client tests" | tee "$LOGS/serving.log"

@@ -1,6 +1,6 @@
 """Each ``lumireg bench`` subcommand run once per session at tiny settings, through the command line.
 
-The tests of one benchmark read its run; ``test_result_header.py`` reads all four.
+The tests of one benchmark read its run; ``test_result_header.py`` reads them all.
 """
 
 import io
@@ -85,3 +85,9 @@ def accuracy_run(bench, tmp_path_factory) -> BenchRun:
     return bench(
         "accuracy", "--pairs", "2", "--shape", "48,64,48", "--checkpoint", str(checkpoint), "--refine-steps", "3"
     )
+
+
+@pytest.fixture(scope="session")
+def refine_run(bench) -> BenchRun:
+    """One and three refinement steps on a 32 x 48 x 32 pair, both similarities, on the CPU."""
+    return bench("refine", "--shape", "32,48,32", "--steps", "1,3")

@@ -1,4 +1,4 @@
-"""`lumireg bench service|load|kernels|accuracy`: one subcommand per benchmark, each with only its own options."""
+"""`lumireg bench <name>`: one subcommand per benchmark, each with only its own options."""
 
 import re
 import subprocess
@@ -14,7 +14,8 @@ OPTIONS = {  # every option each subcommand takes, and no other
     "service": {"--url", "--metrics-url", "--batch-sizes", "--concurrency", "--requests", "--warmup", "--out"},
     "load": {"--url", "--metrics-url", "--rate", "--duration", "--outputs", "--bad-request-every", "--out"},
     "kernels": {"--device", "--shape", "--batch-sizes", "--warmup", "--repeats", "--out"},
-    "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--out"},
+    "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--refine-steps", "--out"},
+    "refine": {"--device", "--steps", "--similarities", "--repeats", "--shape", "--out"},
 }
 
 

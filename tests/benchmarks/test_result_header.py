@@ -9,7 +9,7 @@ from lumireg.benchmarks.machine import HEADER_KEYS, VERSIONED, cpu_model, header
 from lumireg.contract import EXIT_OK
 
 
-@pytest.mark.parametrize("benchmark", ["service", "load", "kernels", "accuracy"])
+@pytest.mark.parametrize("benchmark", ["service", "load", "kernels", "accuracy", "refine"])
 def test_every_result_file_carries_the_common_header(benchmark, request):
     run = request.getfixturevalue(f"{benchmark}_run")
     assert run.code == EXIT_OK, run.stderr
