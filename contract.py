@@ -136,17 +136,21 @@ class Parameter:
         return " | ".join(self.choices) if self.choices else f"{self.low}..{self.high}"
 
     def check(self, name: str, value) -> int | str:
-        """``value`` converted to :attr:`kind`; ``ValueError`` naming ``name`` if of the wrong type or not allowed."""
+        """``value`` converted to :attr:`kind`; ``ValueError`` naming ``name`` if of the wrong type or not allowed.
+
+        The message quotes at most the first 40 characters of a refused value.
+        """
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
         if self.kind is str:
             if not isinstance(value, str) or value not in self.choices:
-                raise ValueError(f"request parameter {name!r} must be one of {self.allowed()}, got {value!r}")
+                raise ValueError(f"request parameter {name!r} must be one of {self.allowed()}, got {shown}")
             return value
         try:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             value = self.kind(value)
         except (TypeError, ValueError):
-            raise ValueError(f"request parameter {name!r} must be {self.kind.__name__}, got {value!r}") from None
+            raise ValueError(f"request parameter {name!r} must be {self.kind.__name__}, got {shown}") from None
         if not self.low <= value <= self.high:
             raise ValueError(f"request parameter {name!r} must be in {self.allowed()}, got {value}")
         return value

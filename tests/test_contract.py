@@ -112,6 +112,7 @@ def test_request_parameters_fill_defaults_and_convert_numeric_strings():
         ({"similarity": "ssd"}, r"'similarity' must be one of ncc \| mi, got 'ssd'"),
         ({"similarity": ""}, "'similarity' must be one of"),
         ({"similarity": 1}, "'similarity' must be one of"),
+        ({"similarity": "x" * 10_000}, r"got 'x{39}\.\.\.$"),  # a huge value is not echoed whole
         ({"steps": 3}, r"unknown request parameter\(s\) \['steps'\]"),
     ],
 )
