@@ -325,6 +325,7 @@ class RegistrationClient:
         passes: int | None = None,
         refine: int | None = None,
         similarity: str | None = None,
+        contrast: str | None = None,
     ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
@@ -344,6 +345,8 @@ class RegistrationClient:
                 0..:data:`~lumireg.contract.MAX_REFINE_STEPS`); None: the server's default.
             similarity: refinement's similarity, ``"ncc"`` (same contrast) or ``"mi"``
                 (across contrasts); None: the server's default.
+            contrast: ``"same"``, or ``"other"`` when the two images have different contrasts
+                (T1 and T2, FLAIR); None: the server's default.
 
         Returns:
             a :class:`RegistrationResult` holding the outputs asked for, each
@@ -355,7 +358,7 @@ class RegistrationClient:
             refused (its message included). ServerUnavailable: no server.
         """
         start = time.perf_counter()
-        given = {"passes": passes, "refine": refine, "similarity": similarity}
+        given = {"passes": passes, "refine": refine, "similarity": similarity, "contrast": contrast}
         given = {name: value for name, value in given.items() if value is not None}
         # checked here so a bad value fails before any image is read; only the given ones are sent
         parameters = {name: request_parameters(given)[name] for name in given} or None

@@ -33,7 +33,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return inner + warp(outer, inner, padding="border")
 
 
-def _resample_like(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+def resample_like(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """``moving`` warped by ``displacement``, in ``moving``'s dtype (integers rounded and clipped to their range)."""
     warped = warp(moving.float(), displacement)
     if moving.dtype.is_floating_point:
@@ -70,7 +70,7 @@ def cascade(
         raise ValueError(f"passes must be >= 1, got {passes}")
     displacement, velocities = None, []
     for index in range(passes):
-        seen = moving if displacement is None else _resample_like(moving, displacement)
+        seen = moving if displacement is None else resample_like(moving, displacement)
         velocity = network(fixed, seen).float()
         if refine_last is not None and index == passes - 1:
             velocity = refine_last(fixed, seen, velocity)
