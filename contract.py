@@ -181,6 +181,16 @@ PARAMETERS: dict[str, Parameter] = {
         "refinement's similarity: ncc (local NCC, same contrast) or mi (mutual information, across contrasts)",
         choices=("ncc", "mi"),
     ),
+    # default none: on pre-aligned (LUMIR) pairs affine lowered Dice by 0.003 and costs a CPU pair seconds; the
+    # client asks for affine for every image that did not arrive on LUMIR's canvas (README, "Scans in scanner pose")
+    "align": Parameter(
+        str,
+        "none",
+        "affine pre-alignment before the network, on the canvas (centre of mass, then local NCC, or MI with "
+        "similarity mi, at 1/8 and 1/4 resolution), composed into every output: none, rigid (rotation and shift) "
+        "or affine (also scales and shears)",
+        choices=("none", "rigid", "affine"),
+    ),
 }
 
 DEFAULT_PASSES = PARAMETERS["passes"].default
@@ -201,10 +211,16 @@ def request_parameters(given: dict) -> dict:
 
 # --- quality-control warnings: qc["warnings"] holds {"code", "message"} for each that applies -------------
 NDV_WARNING_PERCENT = 0.01  # non-diffeomorphic volume above this (% of the moving brain) is flagged as folding
+# a moving image with more nonzero canvas volume than this (voxels above 5 % of full intensity) is flagged as not
+# skull-stripped: brains with their CSF are 1.1..2.0 l (the synthetic pairs 1.9), heads with scalp and skull 3..5 l
+BRAIN_VOLUME_LIMIT_ML = 2500
 QC_WARNINGS = {
     "similarity_decreased": "the warped moving image matches the fixed image worse than before registration",
     "folding": f"the field folds: non-diffeomorphic volume above {NDV_WARNING_PERCENT} % of the brain",
     "refinement_not_converged": "refinement did not converge: its similarity ended no better than it started",
+    "alignment_not_converged": "the affine pre-alignment did not converge: the centre-of-mass alignment was used",
+    "not_brain_extracted": f"the moving image seems not brain-extracted: over {BRAIN_VOLUME_LIMIT_ML} ml of it is "
+    "nonzero on the canvas (inputs must be skull-stripped, as LUMIR's)",
 }
 
 

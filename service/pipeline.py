@@ -23,9 +23,12 @@ import torch
 
 from lumireg.contract import CHECKPOINT_FILE, DEFAULT_PASSES, INTEGRATION_STEPS, OUTPUT_NAMES
 from lumireg.kernels import warp
+from lumireg.network.align import compose_inverse, compose_with
+from lumireg.network.align import estimate as estimate_alignment
+from lumireg.network.align import resample as resample_aligned
 from lumireg.network.cascade import cascade, cascade_inverse
 from lumireg.network.refine import refine as refine_velocity
-from lumireg.service.quality import quality_report
+from lumireg.service.quality import quality_report, with_alignment
 
 
 class StageTimer:
@@ -54,8 +57,10 @@ def transform(
     *,
     refine: int = 0,
     similarity: str = "ncc",
+    align: str = "none",
     steps: int = INTEGRATION_STEPS,
     timer: StageTimer | None = None,
+    alignment: list | None = None,
 ) -> tuple[torch.Tensor, list, list[dict] | None]:
     """The network's transform of a batch: ``passes`` passes, composed, the last one refined ``refine`` steps.
 
@@ -65,8 +70,14 @@ def transform(
         fixed, moving: ``uint8 (B, 1, D, H, W)``, one device.
         passes: network passes (1 = the network alone; :func:`lumireg.network.cascade.cascade`).
         refine: instance optimisation steps on the last pass's velocity (:func:`lumireg.network.refine.refine`).
-        similarity: refinement's similarity, ``"ncc"`` or ``"mi"``.
-        timer: collects seconds in ``network`` (the network's calls), ``refine`` and ``integrate`` (the rest).
+        similarity: refinement's similarity, ``"ncc"`` or ``"mi"``; the alignment's too (local NCC or MI).
+        align: ``"none"``, or ``"rigid"`` / ``"affine"``: the moving image is first aligned to the fixed one
+            (:func:`lumireg.network.align.estimate`), the passes run on the aligned pair, and the displacement
+            returned is the whole transform (the network's, then the affine).
+        timer: collects seconds in ``network`` (the network's calls), ``refine``, ``align`` and ``integrate``
+            (the rest).
+        alignment: a list that receives the alignment's report per pair (with ``align`` not ``"none"``), for
+            :func:`postprocess`: its matrix makes the inverse and its fields go into the QC report.
 
     Returns:
         ``(displacement, velocities, refinement)``: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the
@@ -87,10 +98,19 @@ def transform(
         reports.extend(report)
         return velocity
 
+    matrix = None
+    if align != "none":
+        with timer.stage("align", device):
+            matrix, aligned = estimate_alignment(fixed, moving, align, similarity)
+            moving = resample_aligned(moving, matrix)
+        if alignment is not None:
+            alignment.extend(aligned)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
     displacement, velocities = cascade(
         timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None
     )
+    if matrix is not None:
+        displacement = compose_with(matrix, displacement)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
@@ -107,6 +127,7 @@ def postprocess(
     *,
     moving_labels: torch.Tensor | None = None,
     refinement: list[dict] | None = None,
+    alignment: list[dict] | None = None,
     steps: int = INTEGRATION_STEPS,
     model: str = "lumireg",
     timer: StageTimer | None = None,
@@ -120,6 +141,8 @@ def postprocess(
         wanted: output names (:data:`lumireg.contract.OUTPUT_NAMES`).
         moving_labels: ``int32 (B, 1, D, H, W)``; needed for ``warped_labels``.
         refinement: :func:`transform`'s refinement reports for these pairs, for the QC report (None: none ran).
+        alignment: :func:`transform`'s alignment reports for these pairs (None: none ran): their matrices make
+            the inverse (the affine's inverse, then the passes'), their fields go into the QC report.
         steps: scaling-and-squaring steps (the network's).
         model: the weights' name for the QC report.
         timer: collects seconds per stage (``integrate``, ``warp``, ``qc``).
@@ -139,7 +162,10 @@ def postprocess(
     out = {}
     if "inverse_displacement" in wanted:
         with timer.stage("integrate", device):
-            out["inverse_displacement"] = cascade_inverse(velocities, steps)
+            inverse = cascade_inverse(velocities, steps)
+            if alignment:
+                inverse = compose_inverse(_matrices(alignment, device), inverse)
+            out["inverse_displacement"] = inverse
     with timer.stage("warp", device):
         if "warped" in wanted or "qc" in wanted:
             warped = warp(moving.float(), displacement)
@@ -153,7 +179,7 @@ def postprocess(
         out["displacement_fp16"] = displacement.half()
     if "qc" in wanted:
         with timer.stage("qc", device):
-            out["qc"] = [
+            reports = [
                 json.dumps(report)
                 for report in quality_report(
                     fixed,
@@ -165,7 +191,15 @@ def postprocess(
                     **({"refinement": refinement} if refinement else {}),
                 )
             ]
+            if alignment:
+                reports = [json.dumps(with_alignment(json.loads(r), a)) for r, a in zip(reports, alignment)]
+            out["qc"] = reports
     return out
+
+
+def _matrices(alignment: list[dict], device: torch.device) -> torch.Tensor:
+    """The alignment reports' ``(B, 4, 4)`` pull-back matrices (canvas voxels), float64."""
+    return torch.tensor([a["matrix_voxels"] for a in alignment], dtype=torch.float64, device=device)
 
 
 def network_runner(onnx_path: str | Path, device: torch.device):
@@ -207,6 +241,7 @@ def register_in_process(
     passes: int = DEFAULT_PASSES,
     refine: int = 0,
     similarity: str = "ncc",
+    align: str = "none",
     moving_labels: np.ndarray | None = None,
     device: str = "cpu",
     steps: int = INTEGRATION_STEPS,
@@ -218,7 +253,7 @@ def register_in_process(
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 tensors (:func:`network_runner`).
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
-        passes, refine, similarity: the request parameters of those names.
+        passes, refine, similarity, align: the request parameters of those names.
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
         device: where the post-processing runs.
     """
@@ -229,8 +264,18 @@ def register_in_process(
         return None if array is None else torch.as_tensor(array, device=target)
 
     fixed, moving = as_tensor(fixed), as_tensor(moving)
+    alignment: list[dict] = []
     displacement, velocities, refinement = transform(
-        network, fixed, moving, passes, refine=refine, similarity=similarity, steps=steps, timer=timer
+        network,
+        fixed,
+        moving,
+        passes,
+        refine=refine,
+        similarity=similarity,
+        align=align,
+        steps=steps,
+        timer=timer,
+        alignment=alignment,
     )
     return postprocess(
         displacement,
@@ -240,6 +285,7 @@ def register_in_process(
         wanted,
         moving_labels=as_tensor(moving_labels),
         refinement=refinement,
+        alignment=alignment or None,
         steps=steps,
         model=model,
         timer=timer,

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lumireg import __version__
+from lumireg import __version__, contract
 from lumireg.contract import NCC_WINDOW
 from lumireg.evaluate.metrics import jacobian_determinant, ndv_percent
 from lumireg.kernels import local_ncc
@@ -70,3 +70,19 @@ def quality_report(
             }
         )
     return reports
+
+
+def with_alignment(report: dict, alignment: dict) -> dict:
+    """``report`` with the affine pre-alignment's record (:func:`lumireg.network.align.estimate`) and its warnings.
+
+    Adds ``alignment``: ``mode``, ``converged``, ``matrix_voxels`` (canvas voxels, pull-back: fixed voxel x ->
+    moving voxel ``M x``), ``matrix_mm`` (the same in mm about the canvas centre), ``angle_degrees``, ``shift_mm``,
+    ``moving_volume_ml`` and the rest of the record; and to ``warnings`` ``alignment_not_converged`` (the
+    centre-of-mass alignment was used) and ``not_brain_extracted`` (the moving image's volume above 5 % of full
+    intensity exceeds :data:`lumireg.contract.BRAIN_VOLUME_LIMIT_ML`).
+    """
+    codes = [] if alignment["converged"] else ["alignment_not_converged"]
+    if alignment["moving_volume_ml"] > contract.BRAIN_VOLUME_LIMIT_ML:
+        codes.append("not_brain_extracted")
+    warned = report.get("warnings", []) + [{"code": code, "message": contract.QC_WARNINGS[code]} for code in codes]
+    return {**report, "alignment": dict(alignment), "warnings": warned}

@@ -5,7 +5,8 @@ For each batch of requests (Triton's dynamic batcher gathers up to 8 pairs):
 1. checks what each request asks for (a request that cannot be served gets
    its own error; the rest of the batch goes on);
 2. per group of requests with the same request parameters
-   (:data:`lumireg.contract.PARAMETERS`: ``passes``, ``refine``, ``similarity``),
+   (:data:`lumireg.contract.PARAMETERS`: ``passes``, ``refine``, ``similarity``, ``align``),
+   aligns each moving image to its fixed one when asked (affine, on the kernels),
    sends all their pairs in one request to ``lumireg_network`` (BLS) for the
    half-resolution velocity, once per pass, warping the moving images between
    passes, refining the last pass's velocity when asked and composing the
@@ -158,8 +159,9 @@ class TritonPythonModel:
             groups.setdefault(tuple(sorted(request[5].items())), []).append(request)
         for key, group in sorted(groups.items()):
             fixed, moving = torch.cat([a[1] for a in group]), torch.cat([a[2] for a in group])
+            alignment = []  # one report per pair when the group asked for alignment
             displacement, velocities, refinement = transform(
-                self._velocity, fixed, moving, **dict(key), steps=self.steps, timer=timer
+                self._velocity, fixed, moving, **dict(key), steps=self.steps, timer=timer, alignment=alignment
             )
             row = 0
             for index, fixed, moving, labels, wanted, _ in group:
@@ -173,6 +175,7 @@ class TritonPythonModel:
                     wanted,
                     moving_labels=labels,
                     refinement=refinement and refinement[rows],
+                    alignment=alignment[rows] or None,
                     steps=self.steps,
                     model=self.weights,
                     timer=timer,

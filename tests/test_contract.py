@@ -99,7 +99,8 @@ def test_readme_lists_exactly_the_contract_request_parameters():
 
 def test_request_parameters_fill_defaults_and_convert_numeric_strings():
     chosen = contract.request_parameters({"passes": "2", "similarity": "mi"})
-    assert chosen == {"passes": 2, "refine": 0, "similarity": "mi"}
+    assert chosen == {**{name: p.default for name, p in contract.PARAMETERS.items()}, "passes": 2, "similarity": "mi"}
+    assert chosen["refine"] == 0 and chosen["align"] == "none"
 
 
 @pytest.mark.parametrize(
