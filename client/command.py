@@ -160,7 +160,7 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
         moving_labels=args.labels,
         precision=args.precision,
         field_format=args.field_format,
-        passes=args.passes,
+        **_parameters(args),
     )
     written = result.save(args.out)
     for name in written:
@@ -175,6 +175,13 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
             print(
                 f"refinement: {refinement['steps']} steps of {refinement['similarity']}, "
                 f"{refinement['before']:.3f} -> {refinement['after']:.3f}"
+            )
+        alignment = result.qc.get("alignment")
+        if alignment:
+            print(
+                f"alignment: {alignment['mode']}, {alignment['angle_degrees']:.1f} degrees, shift "
+                f"{', '.join(f'{v:.1f}' for v in alignment['shift_mm'])} mm"
+                + ("" if alignment["converged"] else " (not converged: centre of mass used)")
             )
     warnings = qc_warnings(result.qc)
     for warning in warnings:

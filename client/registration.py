@@ -326,6 +326,7 @@ class RegistrationClient:
         refine: int | None = None,
         similarity: str | None = None,
         contrast: str | None = None,
+        align: str | None = None,
     ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
@@ -347,6 +348,9 @@ class RegistrationClient:
                 (across contrasts); None: the server's default.
             contrast: ``"same"``, or ``"other"`` when the two images have different contrasts
                 (T1 and T2, FLAIR); None: the server's default.
+            align: affine pre-alignment on the server, ``"none"``, ``"rigid"`` or ``"affine"``; None:
+                ``"affine"`` when either image did not arrive on LUMIR's canvas (not uint8 of exactly
+                160 x 224 x 192: it may sit in scanner pose), else the server's default (none).
 
         Returns:
             a :class:`RegistrationResult` holding the outputs asked for, each
@@ -358,7 +362,7 @@ class RegistrationClient:
             refused (its message included). ServerUnavailable: no server.
         """
         start = time.perf_counter()
-        given = {"passes": passes, "refine": refine, "similarity": similarity, "contrast": contrast}
+        given = {"passes": passes, "refine": refine, "similarity": similarity, "contrast": contrast, "align": align}
         given = {name: value for name, value in given.items() if value is not None}
         # checked here so a bad value fails before any image is read; only the given ones are sent
         parameters = {name: request_parameters(given)[name] for name in given} or None
@@ -368,6 +372,8 @@ class RegistrationClient:
         placed = _place(
             load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine), moving_labels
         )
+        if align is None and not placed.native:
+            parameters = {**(parameters or {}), "align": "affine"}  # a scan in scanner pose: align it first
         inputs, wire = _request(placed, outputs, precision)
         sent = time.perf_counter()
         answer = self.infer(inputs, wire, parameters)

@@ -553,3 +553,27 @@ def test_qc_warnings_are_printed_and_fail_the_command_unless_allowed(
     assert main(batch) == (EXIT_OK if allow else EXIT_FAILURE)
     captured = capsys.readouterr()
     assert "2 QC warning(s)" in captured.out and captured.err.count("similarity_decreased") == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "align", "sent"),
+    [("clinical", None, "affine"), ("clinical", "none", "none"), ("lumir", None, None), ("lumir", "rigid", "rigid")],
+)
+def test_images_off_lumirs_canvas_are_sent_with_align_affine_unless_the_caller_says(pair, kind, align, sent):
+    transport = _Refusing("StatusCode.INVALID_ARGUMENT", "stop here")
+    seen = []
+    refuse = transport.infer
+    transport.infer = lambda client, inputs, outputs, timeout, parameters=None: (
+        seen.append(parameters),
+        refuse(client, inputs, outputs, timeout, parameters),
+    )
+    fixed, moving = pair["fixed"][0, 0], pair["moving"][0, 0]
+    if kind == "clinical":  # float32 on the canvas's grid: not LUMIR's uint8 file, so it may sit in scanner pose
+        fixed, moving = fixed.astype(np.float32), moving.astype(np.float32)
+    with RegistrationClient(f"127.0.0.1:{free_ports().grpc}", transport="grpc") as client:
+        client.transport = transport
+        with pytest.raises(LumiregError):
+            client.register(
+                fixed, moving, ("displacement",), fixed_affine=np.eye(4), moving_affine=np.eye(4), align=align
+            )
+    assert (seen[0] or {}).get("align") == sent
