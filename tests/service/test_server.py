@@ -224,3 +224,36 @@ def test_metrics_hold_triton_and_lumireg_families(client, server, pair):
         assert total(after, "lumireg_stage_seconds_sum", stage=stage) > total(
             before, "lumireg_stage_seconds_sum", stage=stage
         )
+
+
+def test_align_affine_returns_the_whole_transform_of_a_posed_moving_image(client, pair):
+    from lumireg.export.onnx import VelocityGraph
+    from lumireg.network import align
+    from lumireg.network.checkpoint import load_model
+    from lumireg.service.pipeline import register_in_process
+
+    # the moving image in scanner pose: turned 20 degrees about the axis k through the canvas centre, shifted 15 mm
+    angle, centre = np.radians(20), (np.array(pair["moving"].shape[2:]) - 1) / 2
+    pose = np.eye(4)
+    pose[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    pose[:3, 3] = centre + [15.0, 0.0, 0.0] - pose[:3, :3] @ centre
+    moving = align.resample(torch.from_numpy(pair["moving"]), torch.tensor(pose, dtype=torch.float32)[None]).numpy()
+    served = infer(client, OUTPUT_NAMES, {"align": "affine"}, fixed=pair["fixed"], moving=moving)
+    assert returned(served) == set(OUTPUT_NAMES) - {"warped_labels"}
+    for name, channels in (("displacement", 3), ("inverse_displacement", 3), ("warped", 1)):
+        assert served.as_numpy(name).shape == (1, channels, 160, 224, 192) and np.isfinite(served.as_numpy(name)).all()
+    qc = json.loads(served.as_numpy("qc")[0, 0])
+    assert qc["alignment"]["converged"] and qc["alignment"]["angle_degrees"] == pytest.approx(20, abs=3)
+    graph = VelocityGraph(load_model())
+
+    def network(fixed, moving):
+        with torch.no_grad():
+            return graph(fixed, moving)
+
+    expected = register_in_process(network, pair["fixed"], moving, ["displacement"], align="affine")["displacement"]
+    difference = np.abs(served.as_numpy("displacement") - expected.numpy())
+    assert np.median(difference) <= 1e-3 and difference.max() <= 0.05  # ONNX vs PyTorch network, one alignment
+    # the whole transform: the posed image warped back lies on the fixed image as the unposed one does
+    unposed = infer(client, ["warped"], fixed=pair["fixed"], moving=pair["moving"]).as_numpy("warped")
+    plain = infer(client, ["warped"], fixed=pair["fixed"], moving=moving).as_numpy("warped")
+    assert np.abs(served.as_numpy("warped") - unposed).mean() < 0.3 * np.abs(plain - unposed).mean()
