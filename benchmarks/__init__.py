@@ -21,6 +21,7 @@ BENCHMARKS = {  # subcommand (= module) -> its line in `lumireg bench --help`
     "kernels": "time the kernels against the PyTorch reference paths",
     "accuracy": "Dice / HD95 / NDV of lumireg vs no registration and ANTs SyN on held-out pairs",
     "refine": "cost of one refinement step and of requests with refine steps",
+    "align": "cost and accuracy of the affine pre-alignment stage on brains in scanner pose",
 }
 
 
@@ -48,7 +49,7 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
 
 def add_parser(sub) -> None:
-    """``lumireg bench service|load|kernels|accuracy|refine``; ``lumireg bench`` alone lists them (EXIT_USAGE)."""
+    """``lumireg bench service|load|kernels|accuracy|refine|align``; ``lumireg bench`` alone lists them (EXIT_USAGE)."""
     bench = sub.add_parser(
         "bench",
         help="benchmarks: " + ", ".join(BENCHMARKS),

@@ -13,6 +13,7 @@
 #   3. python -m pytest tests/kernels -q  (tests/conftest.py puts the Triton kernels on CUDA);
 #   4. lumireg bench kernels at LUMIR's full size (extra options: BENCH_ARGS="--repeats 20");
 #      then lumireg bench refine: one refinement step and requests with refine = 10, 25, 50;
+#      then lumireg bench align: the affine pre-alignment's cost and corner error on 8 posed brains;
 #   5. the GPU serving path: the embedded server's tests (models on the GPU, post-processing in the
 #      Triton kernels on CUDA tensors), the client's tests, and `make serve`'s export;
 #   6. lumireg bench service (the sweep, B=1..8, C=1..8) and lumireg bench load (60 s at 20 requests/s).
@@ -78,6 +79,15 @@ step "4b. refinement: one step (NCC, MI) and requests with refine = 10, 25, 50 (
 json=$(sed -n 's/^wrote //p' "$LOGS/refine.log" | tail -n 1)
 if [ -n "${OUT:-}" ] && [ -f "$json" ]; then
     cp "$json" "$OUT/refine-$(basename "$(dirname "$json")").json"
+fi
+
+step "4c. affine pre-alignment (align=rigid|affine, NCC and MI) on posed brains (goal: a few ms a pair)" \
+    | tee "$LOGS/align.log"
+"$PY" -m lumireg bench align --device cuda --poses 8 --out benchmarks/results 2>&1 \
+    | tee -a "$LOGS/align.log" || status=1
+json=$(sed -n 's/^wrote //p' "$LOGS/align.log" | tail -n 1)
+if [ -n "${OUT:-}" ] && [ -f "$json" ]; then
+    cp "$json" "$OUT/align-$(basename "$(dirname "$json")").json"
 fi
 
 step "5. GPU serving path: embedded server and client tests" | tee "$LOGS/serving.log"
