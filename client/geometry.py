@@ -5,8 +5,9 @@ Pure numpy, nibabel and scipy (no torch). Conventions, as in :mod:`lumireg.contr
 - A volume is the NIfTI data array as stored, axes (i, j, k); an ``affine`` maps voxel indices to world (NIfTI
   RAS+) mm, as (4, 4). Voxel centres sit at integer indices.
 - The canvas is :data:`CANVAS` = (160, 224, 192) voxels of 1 mm, RAS: axes i, j, k point to +x (right),
-  +y (anterior), +z (superior). Each image gets its own canvas, centred on the centre of its field of view;
-  the network registers the fixed and the moving canvases voxel by voxel.
+  +y (anterior), +z (superior). Each image gets its own canvas, centred on its centre of intensity mass (the
+  head's, so an off-centre head is not cut off); the server aligns the two canvases (request parameter ``align``)
+  and registers them voxel by voxel.
 - A displacement is ``(3, X, Y, Z)`` in voxel units, channel c along array axis c, pull-back from the fixed
   grid: ``warped(x) = moving(x + d(x))``, trilinear, zero outside (``grid_sample(align_corners=True)``).
 
@@ -68,26 +69,48 @@ def _check_affine(affine) -> np.ndarray:
     return affine
 
 
-def canvas_affine_for(shape, affine) -> np.ndarray:
+def canvas_affine_for(shape, affine, centre_mm=None) -> np.ndarray:
     """The (4, 4) canvas voxel -> RAS mm matrix of an image: 1 mm, RAS axes, and the canvas centre voxel
-    ``(CANVAS - 1) / 2`` on the world centre ``affine @ ((shape - 1) / 2)`` of the image's field of view."""
+    ``(CANVAS - 1) / 2`` on the world point ``centre_mm`` (3, RAS mm), by default the centre
+    ``affine @ ((shape - 1) / 2)`` of the image's field of view."""
     affine = _check_affine(affine)
-    centre = affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2) + affine[:3, 3]
+    if centre_mm is None:
+        centre = affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2) + affine[:3, 3]
+    else:
+        centre = np.asarray(centre_mm, dtype=np.float64)
     out = np.eye(4) * CANVAS_SPACING_MM
     out[3, 3] = 1
     out[:3, 3] = centre - CANVAS_SPACING_MM * _CENTRE
     return out
 
 
+def intensity_centre(image: np.ndarray, affine: np.ndarray, lo: float, hi: float) -> np.ndarray | None:
+    """The world point (3, RAS mm) of the centre of intensity mass of ``image`` (X, Y, Z, finite), each voxel
+    weighted by ``clip((x - lo) / (hi - lo), 0, 1)``, its canvas intensity, moved to the nearest point a whole
+    number of voxels from the field of view's centre (so a 1 mm image's voxels still fall on canvas voxels: no
+    blur from the placement); None when every weight is 0."""
+    weights = np.clip((image - np.float32(lo)) / np.float32(hi - lo), 0, 1, dtype=np.float32)
+    total = float(weights.sum(dtype=np.float64))
+    if total <= 0:
+        return None
+    index = [
+        float(weights.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.float64) @ np.arange(n)) / total
+        for axis, n in enumerate(image.shape)
+    ]
+    middle = (np.asarray(image.shape, dtype=np.float64) - 1) / 2
+    return affine[:3, :3] @ (middle + np.rint(np.array(index) - middle)) + affine[:3, 3]
+
+
 def to_canvas(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Placement]:
     """Brings one image onto its canvas.
 
-    Native images (:func:`is_native`) come back unchanged (the same object). Others are resampled trilinearly at
-    every canvas voxel c, from image voxel ``inv(affine) @ canvas_affine @ c`` (zero outside the image), then mapped
-    to 0..255: ``lo, hi`` are the 0.5th and 99.5th percentiles of the original finite voxels and the canvas value is
-    ``round(clip((x - lo) / (hi - lo), 0, 1) * 255)``. Outside the image's field of view the canvas is 0.
-    Non-finite voxels count as 0. Along axes finer than 1 mm the image is first smoothed with a Gaussian of
-    ``sigma = 0.4 / spacing`` voxels (0.4 mm), against aliasing.
+    Native images (:func:`is_native`) come back unchanged (the same object). Others get a canvas centred on their
+    centre of intensity mass (:func:`intensity_centre`; the field of view's centre for an image without mass) and
+    are resampled trilinearly at every canvas voxel c, from image voxel ``inv(affine) @ canvas_affine @ c`` (zero
+    outside the image), then mapped to 0..255: ``lo, hi`` are the 0.5th and 99.5th percentiles of the original
+    finite voxels and the canvas value is ``round(clip((x - lo) / (hi - lo), 0, 1) * 255)``. Outside the image's
+    field of view the canvas is 0. Non-finite voxels count as 0. Along axes finer than 1 mm the image is first
+    smoothed with a Gaussian of ``sigma = 0.4 / spacing`` voxels (0.4 mm), against aliasing.
 
     Args:
         data: (X, Y, Z) image, any real dtype.
@@ -119,7 +142,7 @@ def to_canvas(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Placeme
         # capped at the image's own size: a (mis-scaled) micrometre affine would ask for a kernel larger than memory
         sigma = np.minimum(np.where(fine, 0.4 * CANVAS_SPACING_MM / spacing, 0), np.array(data.shape, dtype=float))
         image = ndimage.gaussian_filter(image, sigma, mode="nearest")
-    canvas_affine = canvas_affine_for(data.shape, affine)
+    canvas_affine = canvas_affine_for(data.shape, affine, intensity_centre(image, affine, lo, hi))
     pull = np.linalg.inv(affine) @ canvas_affine
     # cval=lo: outside the field of view maps to 0 whatever the image's intensity range
     canvas = ndimage.affine_transform(

@@ -3,7 +3,7 @@
 LUMIR images (160 x 224 x 192 uint8) go to the server as they are and the
 server's outputs come back as they are. Any other image (size, spacing,
 orientation, dtype, contrast) is brought onto the model's canvas by
-:mod:`lumireg.client.geometry` (1 mm, RAS, centred on its field of view,
+:mod:`lumireg.client.geometry` (1 mm, RAS, centred on its centre of intensity mass,
 robust-percentile intensities to 0..255); the displacement that comes back is
 turned into a displacement on the fixed image's own grid (in its voxels), and
 the warped image and labels are resampled from the caller's original moving

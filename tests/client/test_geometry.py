@@ -64,10 +64,17 @@ def lps_cropped_image(np_rng, spacing=1.5, full=(120, 150, 140)):
     return data, affine, phases
 
 
-def expected_canvas_affine(shape, affine):
-    """Independent: the 1 mm RAS canvas whose centre voxel sits on the field of view's centre."""
+def expected_canvas_affine(shape, affine, data=None):
+    """Independent: the 1 mm RAS canvas whose centre voxel sits on the field of view's centre, or with ``data``
+    on its centre of intensity mass (weights: the 0.5..99.5th percentiles mapped to 0..1)."""
+    centre = (np.array(shape) - 1) / 2
+    if data is not None:
+        lo, hi = np.percentile(data, [0.5, 99.5])
+        weights = np.clip((data - lo) / (hi - lo), 0, 1)
+        mass = (np.indices(shape).reshape(3, -1) * weights.reshape(-1)).sum(1) / weights.sum()
+        centre = centre + np.rint(mass - centre)  # whole voxels from the field of view's centre
     out = np.eye(4)
-    out[:3, 3] = affine[:3, :3] @ ((np.array(shape) - 1) / 2) + affine[:3, 3] - CENTRE
+    out[:3, 3] = affine[:3, :3] @ centre + affine[:3, 3] - CENTRE
     return out
 
 
@@ -131,7 +138,7 @@ def test_an_lps_cropped_image_lands_on_the_ras_canvas(np_rng):
     data, affine, phases = lps_cropped_image(np_rng)
     canvas, placement = to_canvas(data, affine)
     assert canvas.dtype == np.uint8 and canvas.shape == CANVAS and not placement.native
-    np.testing.assert_allclose(placement.canvas_affine, expected_canvas_affine(data.shape, affine), atol=1e-9)
+    np.testing.assert_allclose(placement.canvas_affine, expected_canvas_affine(data.shape, affine, data), atol=1e-4)
     lo, hi = np.percentile(data, [0.5, 99.5])
     expected = np.clip((brain(world(placement.canvas_affine, CANVAS), phases) - lo) / (hi - lo), 0, 1) * 255
     # canvas voxels well inside the image's field of view
@@ -179,10 +186,10 @@ def test_a_translated_moving_image_is_met_through_its_own_canvas(np_rng):
 def expected_d(x, fixed, moving, u_of):
     """Independent: d at fixed voxels x (3, n), for the analytic canvas field u_of((3, n) canvas voxels)."""
     F = fixed.affine
-    c = F[:3, :3] @ x + F[:3, 3:] - expected_canvas_affine(fixed.shape, F)[:3, 3:]
+    c = F[:3, :3] @ x + F[:3, 3:] - fixed.canvas_affine[:3, 3:]  # the canvas's place: its own test above
     clamped = np.clip(c, 0, np.array(CANVAS)[:, None] - 1)  # the canvas field's edge values beyond it
     c_moving = c + np.stack(np.broadcast_arrays(*u_of(*clamped)))
-    q = c_moving + expected_canvas_affine(moving.shape, moving.affine)[:3, 3:]
+    q = c_moving + moving.canvas_affine[:3, 3:]
     return np.linalg.solve(F[:3, :3], q - F[:3, 3:]) - x
 
 
@@ -233,20 +240,25 @@ def test_intensities_use_the_percentiles_of_the_whole_original_image(np_rng):
     rng, seed = np_rng
     shape = (200, 50, 60)  # even sizes at 1 mm: canvas voxels fall on image voxels; axis 0 overhangs by 20 each side
     data = rng.normal(-30, 40, shape)
-    data[:20] += 500  # outside the canvas, but it still sets the percentiles
+    data[:20] += 500  # a bright slab at one end: it sets the percentiles (and pulls the centre of mass)
     data.flat[rng.choice(data.size, 1000, replace=False)] = np.nan
     canvas, placement = to_canvas(data, np.eye(4))
     lo, hi = np.nanpercentile(data, [0.5, 99.5])
-    assert hi > 400  # the overhang's doing
+    assert hi > 400  # the slab's doing
     mapped = np.rint(np.clip((np.nan_to_num(data, nan=0.0) - lo) / (hi - lo), 0, 1) * 255)
-    offset = (CENTRE - (np.array(shape) - 1) / 2).astype(int)  # (-20, 87, 66)
-    window = canvas[:, offset[1] : offset[1] + 50, offset[2] : offset[2] + 60]
-    diff = np.abs(window.astype(np.float64) - mapped[20:180])
+    shift = placement.canvas_affine[:3, 3]  # canvas voxel c is image voxel c + shift: whole voxels
+    np.testing.assert_array_equal(shift, np.rint(shift))
+    shift = shift.astype(int)
+    first, stop = np.maximum(0, -shift), np.minimum(CANVAS, np.array(shape) - shift)
+    inside = tuple(slice(a, b) for a, b in zip(first, stop))
+    window = canvas[inside]
+    part = tuple(slice(a + t, b + t) for a, b, t in zip(first, stop, shift))
+    diff = np.abs(window.astype(np.float64) - mapped[part])
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean(), seed)
-    nans = np.isnan(data[20:180])
+    nans = np.isnan(data[part])
     assert np.all(np.abs(window[nans].astype(float) - np.rint(-lo / (hi - lo) * 255)) <= 1)  # NaN -> 0 -> grey
     outside = np.ones(CANVAS, bool)
-    outside[:, offset[1] : offset[1] + 50, offset[2] : offset[2] + 60] = False
+    outside[inside] = False
     assert np.all(canvas[outside] == 0)  # outside the field of view 0, although lo < 0
 
 
@@ -363,3 +375,16 @@ def test_the_module_needs_no_torch():
     probe = "import sys, lumireg.client.geometry; print(sorted({'torch', 'triton'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_an_off_centre_head_is_placed_on_the_canvas_around_its_centre_of_mass():
+    # a 300 mm field of view with the head 70 mm off its centre: centring on the field of view would cut it off
+    data = np.zeros((300, 240, 200), np.float32)
+    i, j, k = np.ogrid[:300, :240, :200]
+    head = ((i - 220) / 65.0) ** 2 + ((j - 120) / 85.0) ** 2 + ((k - 100) / 70.0) ** 2 <= 1
+    data[head] = 100.0
+    canvas, placement = to_canvas(data, np.eye(4))
+    np.testing.assert_allclose(placement.canvas_affine @ [*CENTRE, 1], [220, 120, 100, 1], atol=0.5)
+    assert canvas.sum() >= 0.99 * 255 * head.sum()  # the whole head on the canvas
+    edges = [canvas[0], canvas[-1], canvas[:, 0], canvas[:, -1], canvas[:, :, 0], canvas[:, :, -1]]
+    assert max(edge.max() for edge in edges) == 0
