@@ -181,6 +181,13 @@ PARAMETERS: dict[str, Parameter] = {
         "refinement's similarity: ncc (local NCC, same contrast) or mi (mutual information, across contrasts)",
         choices=("ncc", "mi"),
     ),
+    "contrast": Parameter(
+        str,
+        "same",
+        "same, or other for images of different contrasts (T1 and T2, FLAIR): the moving image's intensities "
+        "are mapped to the fixed image's contrast by the pair's joint histogram before the network",
+        choices=("same", "other"),
+    ),
     # default none: on pre-aligned (LUMIR) pairs affine lowered Dice by 0.003 and costs a CPU pair seconds; the
     # client asks for affine for every image that did not arrive on LUMIR's canvas (README, "Scans in scanner pose")
     "align": Parameter(

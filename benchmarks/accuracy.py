@@ -17,7 +17,8 @@ nonzero voxels, SDlogJ, and seconds per pair. The sets (:data:`SETS`):
   LUMIR zero-shot task), for the refinement with mutual information.
 
 Methods: ``none``, ``syn`` (antspyx), and lumireg with the request parameters
-of :data:`REQUESTS` (the network alone, two passes, refinement with NCC or MI).
+of :data:`REQUESTS` (the network alone, two passes, refinement with NCC or MI,
+the contrast mapping for pairs of two contrasts, alone and refined with MI).
 
 Each set's and method's rows go to ``<out>/<device>/accuracy-<method>.json``
 (synthetic) or ``accuracy-<set>-<method>.json`` so a slow baseline (SyN takes
@@ -64,6 +65,8 @@ REQUESTS = {
     "lumireg-2passes": {"passes": 2},
     "lumireg-refine": {"passes": 1, "similarity": "ncc"},
     "lumireg-refine-mi": {"passes": 1, "similarity": "mi"},
+    "lumireg-contrast": {"passes": 1, "contrast": "other"},
+    "lumireg-contrast-refine-mi": {"passes": 1, "contrast": "other", "similarity": "mi"},
 }
 METHODS = ("none", "syn", *REQUESTS)
 METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
@@ -101,23 +104,21 @@ def _register_syn(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
 
 
 def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, request: dict) -> np.ndarray:
-    """The network in PyTorch with the service's request parameters ``request``, as the server runs them."""
+    """The network in PyTorch with the service's request parameters ``request``, as the server runs them
+    (:func:`lumireg.service.pipeline.transform`)."""
     import torch
 
     from lumireg.export.onnx import VelocityGraph
-    from lumireg.network.cascade import cascade
-    from lumireg.network.refine import refine
+    from lumireg.service.pipeline import transform
 
-    steps = model.config.steps
-    refine_last = None
-    if request.get("refine"):
+    graph = VelocityGraph(model)
 
-        def refine_last(f, m, velocity):
-            return refine(velocity, f, m, request["refine"], request["similarity"], steps=steps)[0]
+    def network(f, m):
+        with torch.no_grad():
+            return graph(f, m)
 
-    with torch.inference_mode():
-        pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
-        return cascade(VelocityGraph(model), *pair, request["passes"], steps, refine_last=refine_last)[0][0].numpy()
+    pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
+    return transform(network, *pair, **request, steps=model.config.steps)[0][0].detach().numpy()
 
 
 REGISTER = {"none": _register_none, "syn": _register_syn}

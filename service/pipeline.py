@@ -26,7 +26,8 @@ from lumireg.kernels import warp
 from lumireg.network.align import compose_inverse, compose_with
 from lumireg.network.align import estimate as estimate_alignment
 from lumireg.network.align import resample as resample_aligned
-from lumireg.network.cascade import cascade, cascade_inverse
+from lumireg.network.cascade import cascade, cascade_inverse, resample_like
+from lumireg.network.contrast import apply_map, intensity_map
 from lumireg.network.refine import refine as refine_velocity
 from lumireg.service.quality import quality_report, with_alignment
 
@@ -58,6 +59,7 @@ def transform(
     refine: int = 0,
     similarity: str = "ncc",
     align: str = "none",
+    contrast: str = "same",
     steps: int = INTEGRATION_STEPS,
     timer: StageTimer | None = None,
     alignment: list | None = None,
@@ -74,6 +76,8 @@ def transform(
         align: ``"none"``, or ``"rigid"`` / ``"affine"``: the moving image is first aligned to the fixed one
             (:func:`lumireg.network.align.estimate`), the passes run on the aligned pair, and the displacement
             returned is the whole transform (the network's, then the affine).
+        contrast: ``"same"``, or ``"other"`` for images of different contrasts: the network sees the
+            moving image mapped to the fixed image's contrast (:func:`match_contrast`).
         timer: collects seconds in ``network`` (the network's calls), ``refine``, ``align`` and ``integrate``
             (the rest).
         alignment: a list that receives the alignment's report per pair (with ``align`` not ``"none"``), for
@@ -106,6 +110,8 @@ def transform(
         if alignment is not None:
             alignment.extend(aligned)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
+    if contrast == "other":
+        moving = match_contrast(timed_network, fixed, moving, steps)
     displacement, velocities = cascade(
         timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None
     )
@@ -116,6 +122,19 @@ def transform(
     inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
     timer.add("integrate", time.perf_counter() - start - inside)
     return displacement, velocities, reports or None
+
+
+def match_contrast(network, fixed: torch.Tensor, moving: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
+    """``moving`` (``uint8 (B, 1, D, H, W)``) in the fixed image's contrast, for the network to register.
+
+    Guimond's adaptive intensity correction in two rounds: the map of
+    :func:`lumireg.network.contrast.intensity_map` estimated on the pair as it
+    comes, then again on the pair after one network pass on the mapped image,
+    when the joint histogram pairs up tissues far better.
+    """
+    mapped = apply_map(intensity_map(fixed, moving), moving)
+    first, _ = cascade(network, fixed, mapped, 1, steps)
+    return apply_map(intensity_map(fixed, resample_like(moving, first)), moving)
 
 
 def postprocess(
@@ -241,6 +260,7 @@ def register_in_process(
     passes: int = DEFAULT_PASSES,
     refine: int = 0,
     similarity: str = "ncc",
+    contrast: str = "same",
     align: str = "none",
     moving_labels: np.ndarray | None = None,
     device: str = "cpu",
@@ -253,7 +273,7 @@ def register_in_process(
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 tensors (:func:`network_runner`).
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
-        passes, refine, similarity, align: the request parameters of those names.
+        passes, refine, similarity, align, contrast: the request parameters of those names.
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
         device: where the post-processing runs.
     """
@@ -272,6 +292,7 @@ def register_in_process(
         passes,
         refine=refine,
         similarity=similarity,
+        contrast=contrast,
         align=align,
         steps=steps,
         timer=timer,

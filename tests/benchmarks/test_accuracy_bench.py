@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lumireg.cli import build_parser
-from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
+from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, request_parameters
 
 
 def _process_age() -> float:
@@ -24,7 +24,16 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     assert list(sets) == ["synthetic", "independent", "contrast"]  # every set by default
     assert [entries["labels"] for entries in sets.values()] == [24, 54, 54]
     assert [sorted(entries["methods"]) for entries in sets.values()] == [
-        ["lumireg", "lumireg-2passes", "lumireg-refine", "lumireg-refine-mi", "none", "syn"]
+        [
+            "lumireg",
+            "lumireg-2passes",
+            "lumireg-contrast",
+            "lumireg-contrast-refine-mi",
+            "lumireg-refine",
+            "lumireg-refine-mi",
+            "none",
+            "syn",
+        ]
     ] * 3
     assert sets["independent"]["methods"]["none"]["pairs"] == 2
     table = sets["synthetic"]["methods"]
@@ -50,12 +59,15 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     for method in ("lumireg", "lumireg-2passes"):
         assert abs(table[method]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
     requests = {method: table[method]["request"] for method in table if method.startswith("lumireg")}
-    assert requests == {
-        "lumireg": {"passes": 1, "refine": 0, "similarity": "ncc"},
-        "lumireg-2passes": {"passes": 2, "refine": 0, "similarity": "ncc"},
-        "lumireg-refine": {"passes": 1, "refine": 3, "similarity": "ncc"},
-        "lumireg-refine-mi": {"passes": 1, "refine": 3, "similarity": "mi"},
+    given = {  # the rest at the contract's defaults
+        "lumireg": {"passes": 1},
+        "lumireg-2passes": {"passes": 2},
+        "lumireg-refine": {"refine": 3, "similarity": "ncc"},
+        "lumireg-refine-mi": {"refine": 3, "similarity": "mi"},
+        "lumireg-contrast": {"contrast": "other"},
+        "lumireg-contrast-refine-mi": {"refine": 3, "similarity": "mi", "contrast": "other"},
     }
+    assert requests == {method: request_parameters(parameters) for method, parameters in given.items()}
     assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
