@@ -15,6 +15,7 @@ scipy) for HD95.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -261,13 +262,16 @@ def _diff(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _jacobians(trans: np.ndarray):
-    """The 10 determinants at the interior voxels of ``trans`` (see :func:`digital_jacobians`)."""
-    shape = trans.shape[1:]
-    steps = [_diff(trans, 1 + a) for a in range(3)]  # T(q + e_a) - T(q)
+    """The 10 determinants at the interior voxels of ``trans`` ``[3, ..., d, h, w]`` (see :func:`digital_jacobians`).
+
+    Leading axes after the channel are batch axes (the QC's 3 x 3 x 3 neighbourhoods of chosen voxels).
+    """
+    shape = trans.shape[-3:]
+    steps = [_diff(trans, trans.ndim - 3 + a) for a in range(3)]  # T(q + e_a) - T(q)
 
     def step(a: int, sign: int) -> np.ndarray:  # forward (+1) or backward (-1) difference at every interior p
         return steps[a][
-            (slice(None),)
+            (Ellipsis,)
             + tuple(
                 slice(1 if sign > 0 else 0, n - 1 if sign > 0 else n - 2) if b == a else slice(1, n - 1)
                 for b, n in enumerate(shape)
@@ -278,7 +282,7 @@ def _jacobians(trans: np.ndarray):
         yield _det3(*[step(a, s) for a, s in enumerate(signs)])
 
     def at(offset) -> np.ndarray:  # T(p + offset) for every interior p
-        return trans[(slice(None),) + tuple(slice(1 + o, n - 1 + o) for o, n in zip(offset, shape))]
+        return trans[(Ellipsis,) + tuple(slice(1 + o, n - 1 + o) for o, n in zip(offset, shape))]
 
     centre = at((0, 0, 0))
     for tet in _CENTRAL:
@@ -378,6 +382,364 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
         gradient = lambda x, a: np.gradient(x, axis=a)  # noqa: E731
     # row a: d(x + disp)/d x_a, the official's layout
     return _det3(*[[gradient(disp[..., c], a) + (c == a) for c in range(3)] for a in range(3)])
+
+
+# --- the QC's folding measures: float32 screens, then float64 wherever a value could matter ------------------------
+_SCREEN_ROWS = 4  # rows of the field per screening slab: the slab's float32 temporaries stay in cache
+_EXACT_CHUNK = 1 << 14  # voxels per batch of exact float64 neighbourhoods
+_DENSE_SHARE = 0.06  # a slab with more candidates than this share of its voxels is recomputed whole (cheaper)
+# Worst-case rounding of the screens, in units of u m**3 (u the unit roundoff, m >= every matrix entry and
+# 1 + every difference): a one-sided digital determinant computed from differences is off by at most 72 and a
+# central tetrahedron's (each column the sum of two differences) by 720; 8 det(I + G) from central differences
+# by 72 with m = 2 + a component's range, a face's det(I + G) by 66 with m = 1 + that range.
+_DIGITAL_BOUND = 1024
+_CENTRAL_BOUND = 128
+_SCREEN_LIMIT = 1e6  # differences beyond this many voxels (or not finite) take the reference functions
+
+
+def screened_ndv_percent(disp, mask=None) -> float:
+    """:func:`ndv_percent`, the same number with far less work on torch tensors (the service's QC uses it).
+
+    Each of the 10 :func:`digital_jacobians` is first computed in float32
+    (float64 for a float64 field) from differences of the displacement, slab by
+    cache-sized slab, over the rows and the rectangle that hold mask voxels
+    only. A voxel where all 10 exceed that computation's worst-case rounding
+    error is provably unfolded and adds exactly 0; every other mask voxel is
+    computed again as :func:`ndv_percent` computes it (``T = disp + x`` in
+    float64, the same determinants bit for bit). So the result differs from
+    :func:`ndv_percent` only by the order of its float64 sum (about 1e-16
+    relative), and is exactly 0.0 where it is. numpy arrays, fields that are
+    not finite or whose differences exceed 1e6 voxels, and volumes under 4
+    voxels a side take :func:`ndv_percent` itself.
+
+    Args:
+        disp: ``[D, H, W, 3]`` displacement in voxels, any float dtype (a view of a ``[3, D, H, W]`` tensor is fine).
+        mask: ``[D, H, W]``, counted where > 0, as in :func:`ndv_percent`; default every voxel.
+
+    Returns:
+        NDV in percent (float); NaN for an empty mask.
+    """
+    disp = _check_disp(disp)
+    if mask is not None and tuple(mask.shape) != tuple(disp.shape[:3]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the field's grid {tuple(disp.shape[:3])}")
+    work = _screen_input(disp)
+    if work is not None:
+        import torch
+
+        u, unit = work
+        inside = None
+        if mask is not None:  # uint8, nonzero where mask > 0: bool sums and reductions are slow on a CPU
+            inside = (mask if mask.dtype == torch.uint8 else (mask > 0).to(torch.uint8))[1:-1, 1:-1, 1:-1]
+        folded = _screened_folded_volume(u, inside, unit)
+        if folded is not None:
+            count = math.prod(n - 2 for n in u.shape[1:]) if inside is None else int(torch.count_nonzero(inside))
+            return float(folded * (0.5 / 6) / count * 100) if count else float("nan")
+    return ndv_percent(disp, mask)
+
+
+def screened_jacobian_min(disp) -> float:
+    """``float(jacobian_determinant(disp).min())``, the same number with far less work on torch tensors.
+
+    The central-difference determinant of every interior voxel is first
+    computed in float32 (float64 for a float64 field) from the displacement's
+    differences; the voxels within that computation's worst-case rounding of
+    the smallest, and the six faces (one-sided differences), are then computed
+    as :func:`jacobian_determinant` computes them, in float64, bit for bit. So
+    the result is equal. numpy arrays, fields that are not finite or whose
+    differences exceed 1e6 voxels, and volumes under 4 voxels a side take the
+    reference.
+
+    Args:
+        disp: ``[D, H, W, 3]`` displacement in voxels, any float dtype (a view of a ``[3, D, H, W]`` tensor is fine).
+
+    Returns:
+        The smallest determinant, float; <= 0 where the field folds.
+    """
+    disp = _check_disp(disp)
+    work = _screen_input(disp)
+    minimum = None if work is None else _screened_jacobian_min(*work)
+    return float(jacobian_determinant(disp).min()) if minimum is None else minimum
+
+
+def _screen_input(disp):
+    """``([3, D, H, W]`` contiguous in the screens' dtype, its unit roundoff``)``, or None where the screens do
+    not apply (numpy, an integer field, a side under 4 voxels)."""
+    if not _is_torch(disp) or not disp.dtype.is_floating_point or min(disp.shape[:3]) < 4:
+        return None
+    import torch
+
+    work = torch.float64 if disp.dtype == torch.float64 else torch.float32  # 16-bit values widen exactly
+    return disp.permute(3, 0, 1, 2).to(work).contiguous(), torch.finfo(work).eps / 2
+
+
+def _triple(x, y, z, cross, out) -> None:
+    """``out = det[x; y; z] = x . (y x z)`` for ``[3, n]`` rows; ``cross``, a ``[3, n]`` scratch, is left as ``y x z``.
+    Each step is one multiply or multiply-add, so the rounding bounds above hold."""
+    _cross(y, z, cross)
+    _dot(x, cross, out)
+
+
+def _cross(y, z, out) -> None:
+    import torch
+
+    (y0, y1, y2), (z0, z1, z2) = y.unbind(0), z.unbind(0)
+    for c, (a, b, d, e) in enumerate(((y1, z2, y2, z1), (y2, z0, y0, z2), (y0, z1, y1, z0))):
+        torch.mul(a, b, out=out[c]).addcmul_(d, e, value=-1)
+
+
+def _dot(x, y, out) -> None:
+    import torch
+
+    (x0, x1, x2), (y0, y1, y2) = x.unbind(0), y.unbind(0)
+    torch.mul(x0, y0, out=out).addcmul_(x1, y1).addcmul_(x2, y2)
+
+
+def _largest_entry(x) -> float:
+    """``max |x|`` as a float (NaN if ``x`` holds one)."""
+    import torch
+
+    smallest, biggest = torch.aminmax(x)
+    return float(torch.maximum(-smallest, biggest))
+
+
+def _extents(rows) -> tuple[list[int], list[int]]:
+    """First and last True column of each row of a ``[R, n]`` bool tensor (meaningless for an empty row)."""
+    import torch
+
+    n = rows.shape[1]
+    first = rows.to(torch.uint8).argmax(dim=1)
+    last = n - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)
+    return first.tolist(), last.tolist()
+
+
+def _slabs(inside, interior) -> list[tuple[int, int, int, int, int, int]]:
+    """Slabs of :data:`_SCREEN_ROWS` interior rows ``[first, stop)`` that hold mask voxels, each with the mask's
+    rectangle ``[h0, h1) x [w0, w1)`` over those rows (interior indices: voxel = index + 1)."""
+    depth, height, width = interior
+    if inside is None:
+        return [(r, min(r + _SCREEN_ROWS, depth), 0, height, 0, width) for r in range(0, depth, _SCREEN_ROWS)]
+    rows_h, rows_w = inside.amax(dim=2) > 0, inside.amax(dim=1) > 0  # [D-2, H-2], [D-2, W-2]
+    occupied = rows_h.any(dim=1).tolist()
+    (h_first, h_last), (w_first, w_last) = _extents(rows_h), _extents(rows_w)
+    slabs = []
+    for first in range(0, depth, _SCREEN_ROWS):
+        taken = [r for r in range(first, min(first + _SCREEN_ROWS, depth)) if occupied[r]]
+        if taken:
+            h0, h1 = min(h_first[r] for r in taken), max(h_last[r] for r in taken) + 1
+            w0, w1 = min(w_first[r] for r in taken), max(w_last[r] for r in taken) + 1
+            slabs.append((first, min(first + _SCREEN_ROWS, depth), h0, h1, w0, w1))
+    return slabs
+
+
+def _screened_folded_volume(u, inside, unit: float) -> float | None:
+    """The float64 sum over the mask of each voxel's ``sum(max(-J, 0))`` over its 10 digital Jacobians; None when
+    the screen cannot bound its rounding. ``u``: ``[3, D, H, W]`` contiguous; ``inside``: the interior mask
+    (uint8, nonzero = counted) or None for every voxel."""
+    import torch
+
+    slabs = _slabs(inside, [n - 2 for n in u.shape[1:]])
+    if not slabs:
+        return 0.0
+    size = max((stop - first + 2) * (h1 - h0 + 2) * (w1 - w0 + 2) for first, stop, h0, h1, w0, w1 in slabs)
+    scratch = torch.empty((8, 3 * size), dtype=u.dtype, device=u.device)
+    total, points = 0.0, []  # the candidates of slabs with few, computed together at the end
+    for first, stop, h0, h1, w0, w1 in slabs:
+        # voxels first..stop+1, h0..h1+1, w0..w1+1: the interior rectangle with its one-voxel halo
+        block = u[:, first : stop + 2, h0 : h1 + 2, w0 : w1 + 2]
+        screened, smallest, largest = _digital_screen(block, scratch)
+        if not largest <= _SCREEN_LIMIT:
+            return None
+        tau = _DIGITAL_BOUND * unit * (largest + 2) ** 3
+        if smallest > tau:
+            continue
+        hits = screened <= tau
+        rectangle = None if inside is None else inside[first:stop, h0:h1, w0:w1] > 0
+        if rectangle is not None:
+            hits &= rectangle
+        candidates = int(torch.count_nonzero(hits))
+        if candidates > _DENSE_SHARE * hits.numel():
+            total += _exact_folded_block(block, (first, h0, w0), rectangle)
+        elif candidates:
+            points.append(torch.nonzero(hits) + torch.tensor([first + 1, h0 + 1, w0 + 1], device=u.device))
+    if points:
+        total += sum(_exact_folded_points(u, chunk) for chunk in torch.cat(points).split(_EXACT_CHUNK))
+    return total
+
+
+def _digital_screen(block, scratch):
+    """The smallest of the 10 digital Jacobians at the interior voxels of ``block`` ``[3, k, h, w]``, computed in
+    its dtype from differences: ``[k-2, h-2, w-2]`` (a view into ``scratch``, ``[8, 3 n]`` or larger); the
+    smallest of them all; the largest difference entry.
+
+    The block is copied flat, so a neighbour is a fixed offset and every operation runs on whole ``[3, n]``
+    rows; the flat positions of the halo between interior rows get wrapped values, and are not returned.
+    """
+    import torch
+
+    k, h, w = block.shape[1:]
+    n = k * h * w
+    strides = s0, s1, s2 = (h * w, w, 1)
+    lo, hi = s0 + s1 + 1, n - s0 - s1 - 1  # the flat positions of the interior voxels (and the halo between them)
+
+    def rows(i: int, length: int):  # a contiguous [3, length] scratch
+        return scratch[i, : 3 * length].view(3, length)
+
+    patch = rows(0, n)
+    patch.view(3, k, h, w).copy_(block)
+    steps, largest = [], 0.0
+    for a, s in enumerate(strides):  # T(q + e_a) - T(q) = u(q + e_a) - u(q) + e_a
+        step = torch.sub(patch[:, s:], patch[:, : n - s], out=rows(1 + a, n - s))
+        step[a] += 1
+        entry = _largest_entry(step)
+        if not entry <= _SCREEN_LIMIT:  # NaN too
+            return None, None, entry
+        largest = max(largest, entry)
+        steps.append(step)
+
+    def at(a: int, offset: int = 0):  # T(p + offset + e_a) - T(p + offset) for every flat p in [lo, hi)
+        return steps[a][:, lo + offset : hi + offset]
+
+    least, det = scratch[6, lo:hi], scratch[6, n : n + hi - lo]
+    cross = rows(5, hi - lo)
+    first = True
+    for d1 in (at(1), at(1, -s1)):  # forward, backward
+        for d2 in (at(2), at(2, -s2)):
+            _cross(d1, d2, cross)
+            for d0 in (at(0), at(0, -s0)):
+                _dot(d0, cross, least if first else det)
+                if not first:
+                    torch.minimum(least, det, out=least)
+                first = False
+    # the diagonal differences T(q + e_a + e_b) - T(q) from q = 1 on (the patch is spent by now): J*_2 takes the
+    # three at p, J*_1 the three that end at p, negated
+    diagonals = {}
+    for row, (a, b, s) in zip((0, 4, 7), ((0, 1, s0), (1, 2, s1), (0, 2, s0))):
+        diagonals[a, b] = torch.add(steps[a][:, 1:hi], steps[b][:, 1 + s : hi + s], out=rows(row, hi - 1))
+
+    def diagonal(a: int, b: int, offset: int = 0):  # T(p + offset + e_a + e_b) - T(p + offset), p in [lo, hi)
+        return diagonals[a, b][:, lo - 1 + offset : hi - 1 + offset]
+
+    _triple(diagonal(0, 1), diagonal(1, 2), diagonal(0, 2), cross, det)
+    torch.minimum(least, det, out=least)
+    _triple(diagonal(0, 1, -s0 - s1), diagonal(0, 2, -s0 - s2), diagonal(1, 2, -s1 - s2), cross, det)
+    torch.minimum(least, det.neg_(), out=least)
+    volume = scratch[6, :n].view(k, h, w)
+    for halo in (volume[1:-1, 0], volume[1:-1, -1], volume[1:-1, :, 0], volume[1:-1, :, -1]):
+        halo.fill_(float("inf"))  # so the smallest over the flat range is the interior's
+    return volume[1:-1, 1:-1, 1:-1], float(least.amin()), largest
+
+
+def _exact_folded_block(block, origin, rectangle) -> float:
+    """The reference's folded volume of ``block``'s interior, restricted to ``rectangle`` (None: all of it);
+    ``origin``: the global index of the block's first voxel, so ``T = disp + x`` is the reference's bit for bit."""
+    import torch
+
+    grid = torch.meshgrid(
+        *[torch.arange(o, o + n, dtype=torch.float64, device=block.device) for o, n in zip(origin, block.shape[1:])],
+        indexing="ij",
+    )
+    folded = sum((-jac).clip(min=0.0) for jac in _jacobians(block.to(torch.float64) + torch.stack(grid)))
+    return float((folded if rectangle is None else folded[rectangle]).sum())
+
+
+def _exact_folded_points(u, points) -> float:
+    """The float64 sum over ``points`` (``[n, 3]`` interior voxels) of ``sum(max(-J, 0))`` over the 10 digital
+    Jacobians, each as :func:`ndv_percent` computes it: ``T = disp + x`` in float64 on the voxel's 3 x 3 x 3
+    neighbourhood, then :func:`_jacobians`."""
+    import torch
+
+    offsets = torch.arange(-1, 2, device=u.device)
+    i, j, k = (points[:, a, None] + offsets for a in range(3))  # [n, 3] each
+    at = (i[:, :, None, None], j[:, None, :, None], k[:, None, None, :])  # broadcast to [n, 3, 3, 3]
+    strides = u.shape[2] * u.shape[3], u.shape[3], 1
+    flat = (at[0] * strides[0] + at[1] * strides[1] + at[2]).flatten()
+    values = u.view(3, -1).index_select(1, flat).view(3, len(points), 3, 3, 3)
+    trans = torch.stack([values[c].to(torch.float64) + at[c].to(torch.float64) for c in range(3)])
+    folded = sum((-jac).clip(min=0.0) for jac in _jacobians(trans))
+    return float(folded.sum())
+
+
+def _screened_jacobian_min(u, unit: float) -> float | None:
+    """``float(jacobian_determinant(disp).min())`` for ``u`` ``[3, D, H, W]`` contiguous (see
+    :func:`screened_jacobian_min`); None when the screen cannot bound its rounding."""
+    import torch
+
+    depth, height, width = u.shape[1:]
+    flat = u.view(3, -1)
+    # every difference of a component is within its range: one bound for the whole field
+    spreads = [float(biggest - smallest) for smallest, biggest in (torch.aminmax(flat[c]) for c in range(3))]
+    if not all(spread <= _SCREEN_LIMIT for spread in spreads):  # NaN too
+        return None
+    spread = max(spreads)
+    strides = (height * width, width, 1)
+    scratch = torch.empty((5, 3 * _SCREEN_ROWS * strides[0]), dtype=u.dtype, device=u.device)
+    rows = torch.full((depth,), float("inf"), dtype=u.dtype, device=u.device)  # each row's smallest det(I + G)
+    for r0 in range(1, depth - 1, _SCREEN_ROWS):
+        r1 = min(r0 + _SCREEN_ROWS, depth - 1)
+        lo, hi = r0 * strides[0], r1 * strides[0]
+        twice = []  # 2 G + 2 I: central differences, 2 added on the diagonal
+        for a, s in enumerate(strides):
+            out = scratch[a, : 3 * (hi - lo)].view(3, -1)
+            twice.append(torch.sub(flat[:, lo + s : hi + s], flat[:, lo - s : hi - s], out=out))
+            twice[-1][a] += 2
+        dets = scratch[4, : hi - lo]
+        _triple(*twice, scratch[3, : 3 * (hi - lo)].view(3, -1), dets)
+        # the faces are screened below (in the flat rows their neighbours wrap around)
+        rows[r0:r1] = dets.view(r1 - r0, height, width)[:, 1:-1, 1:-1].amin(dim=(1, 2)) / 8
+    faces = {(a, end): float(_face_jacobian(u, a, end).min()) for a in range(3) for end in (0, -1)}
+    # worst-case rounding of the screened values (entries of 2 G + 2 I within 2 + spread, of a face's I + G
+    # within 1 + spread); every value within twice of the smallest could be the smallest
+    inner, outer = _CENTRAL_BOUND / 8 * unit * (2 + spread) ** 3, _CENTRAL_BOUND * unit * (1 + spread) ** 3
+    threshold = min(float(rows.min()) + inner, min(faces.values()) + outer)
+    candidates = torch.nonzero(rows - inner <= threshold).flatten().tolist()
+    exact = [_exact_central_min(u, r0, r1) for r0, r1 in _runs(candidates, _SCREEN_ROWS)]
+    exact += [
+        float(_face_jacobian(u, *face, torch.float64).min()) for face, m in faces.items() if m - outer <= threshold
+    ]
+    return min(exact)
+
+
+def _face_jacobian(u, axis: int, end: int, dtype=None):
+    """:func:`jacobian_determinant` on the face ``end`` (0 or -1) of ``axis`` (``[n1, n2]``), computed as it does:
+    the one-sided difference across the face, ``torch.gradient`` along it, then :func:`_det3`; in float64 the same
+    values bit for bit, in ``u``'s dtype (the default) a screen of them."""
+    import torch
+
+    n = u.shape[1 + axis]
+    plane = u.select(1 + axis, 0 if end == 0 else n - 1).to(dtype or u.dtype)
+    beside = u.select(1 + axis, 1 if end == 0 else n - 2).to(dtype or u.dtype)
+    across = beside - plane if end == 0 else plane - beside
+    along = [b for b in range(3) if b != axis]
+    grads = [across if a == axis else torch.gradient(plane, dim=1 + along.index(a))[0] for a in range(3)]
+    return _det3(*[[grads[a][c] + (c == a) for c in range(3)] for a in range(3)])
+
+
+def _runs(rows: list[int], longest: int):
+    """Runs ``(r0, r1)`` of consecutive values of the sorted ``rows``, each at most ``longest`` long."""
+    start = previous = None
+    for r in rows:
+        if start is not None and r == previous + 1 and r - start < longest:
+            previous = r
+            continue
+        if start is not None:
+            yield start, previous + 1
+        start = previous = r
+    if start is not None:
+        yield start, previous + 1
+
+
+def _exact_central_min(u, r0: int, r1: int) -> float:
+    """The smallest :func:`jacobian_determinant` over the interior voxels of rows ``r0..r1-1`` (1 <= r0 < r1 <=
+    D - 1), computed as it does: float64 central differences ``(x[i+1] - x[i-1]) / 2``, then :func:`_det3`."""
+    import torch
+
+    height, width = u.shape[2:]
+    strides = (height * width, width, 1)
+    segment = u[:, r0 - 1 : r1 + 1].reshape(3, -1).to(torch.float64)  # rows r0-1 .. r1
+    n, base = (r1 - r0) * strides[0], strides[0]
+    grads = [(segment[:, base + s : base + s + n] - segment[:, base - s : base - s + n]) / 2 for s in strides]
+    jac = _det3(*[[grads[a][c] + (c == a) for c in range(3)] for a in range(3)])
+    return float(jac.view(r1 - r0, height, width)[:, 1:-1, 1:-1].min())
 
 
 def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
