@@ -218,13 +218,17 @@ def request_parameters(given: dict) -> dict:
 
 # --- quality-control warnings: qc["warnings"] holds {"code", "message"} for each that applies -------------
 NDV_WARNING_PERCENT = 0.01  # non-diffeomorphic volume above this (% of the moving brain) is flagged as folding
+# a fall of the mutual information over the fixed brain by more than this (% of its value before) is flagged
+MI_DROP_PERCENT = 5
 # a moving image with more nonzero canvas volume than this (voxels above 5 % of full intensity) is flagged as not
 # skull-stripped: brains with their CSF are 1.1..2.0 l (the synthetic pairs 1.9), heads with scalp and skull 3..5 l
 BRAIN_VOLUME_LIMIT_ML = 2500
 QC_WARNINGS = {
-    "similarity_decreased": "the warped moving image matches the fixed image worse than before registration",
+    "similarity_decreased": "the warped moving image matches the fixed image worse than before registration: "
+    f"their mutual information over the brain fell by more than {MI_DROP_PERCENT} %",
     "folding": f"the field folds: non-diffeomorphic volume above {NDV_WARNING_PERCENT} % of the brain",
-    "refinement_not_converged": "refinement did not converge: its similarity ended no better than it started",
+    "refinement_not_converged": "refinement did not converge: its similarity ended no better than the network's, "
+    "so the network's field was kept",
     "alignment_not_converged": "the affine pre-alignment did not converge: the centre-of-mass alignment was used",
     "not_brain_extracted": f"the moving image seems not brain-extracted: over {BRAIN_VOLUME_LIMIT_ML} ml of it is "
     "nonzero on the canvas (inputs must be skull-stripped, as LUMIR's)",

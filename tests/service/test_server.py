@@ -58,7 +58,20 @@ def test_warped_outputs_follow_the_returned_field(full, pair):
 
 def test_qc_report_matches_the_evaluator(full, pair):
     qc = json.loads(full.as_numpy("qc")[0, 0])
-    assert set(qc) == {"ndv_percent", "ncc_before", "ncc_after", "jacobian_min", "passes", "model", "version"}
+    assert set(qc) == {
+        "ndv_percent",
+        "jacobian_min",
+        "ncc_before",
+        "ncc_after",
+        "mi_before",
+        "mi_after",
+        "passes",
+        "refinement",
+        "warnings",
+        "model",
+        "version",
+    }
+    assert qc["warnings"] == [] and qc["refinement"] is None and qc["mi_after"] > qc["mi_before"]
     assert qc["passes"] == DEFAULT_PASSES
     field = as_channels_last(full.as_numpy("displacement")[0])
     assert qc["ndv_percent"] == pytest.approx(ndv_percent(field, pair["moving"][0, 0]), abs=1e-9)
