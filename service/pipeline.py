@@ -207,7 +207,7 @@ def postprocess(
                     displacement,
                     model,
                     len(velocities),
-                    **({"refinement": refinement} if refinement else {}),
+                    refinement=refinement,
                 )
             ]
             if alignment:

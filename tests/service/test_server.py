@@ -138,7 +138,10 @@ def test_passes_parameter_chooses_the_cascade(client, pair, in_process_two_passe
 
 def test_refine_parameter_refines_the_networks_answer_on_the_server(client, pair, in_process):
     parameters = {"refine": 2, "similarity": "ncc"}
-    refined = infer(client, ["displacement"], parameters, fixed=pair["fixed"], moving=pair["moving"])
+    refined = infer(client, ["displacement", "qc"], parameters, fixed=pair["fixed"], moving=pair["moving"])
+    record = json.loads(refined.as_numpy("qc")[0, 0])["refinement"]
+    assert record["steps"] == 2 and record["similarity"] == "ncc" and record["converged"]
+    assert record["after"] > record["before"]
     expected = _in_process_refined(pair, 2)
     difference = np.abs(refined.as_numpy("displacement") - expected)
     assert np.median(difference) <= 1e-3 and difference.max() <= 0.05  # ONNX vs PyTorch network, two Adam steps
