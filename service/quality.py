@@ -49,29 +49,30 @@ def quality_report(
     """One QC dict per pair.
 
     Keys: ``ndv_percent`` (non-diffeomorphic volume in % of the moving image's
-    nonzero voxels, LUMIR's definition: :func:`lumireg.evaluate.metrics.ndv_percent`),
-    ``jacobian_min`` (smallest central-difference Jacobian determinant over the
-    volume; <= 0 means folding; :func:`lumireg.evaluate.metrics.jacobian_determinant`)
-    (both the evaluator's numbers, computed by their screened twins);
-    ``ncc_before`` / ``ncc_after`` (mean local NCC of fixed vs moving and
-    fixed vs warped, :func:`lumireg.kernels.local_ncc` with window
-    :data:`HALF_NCC_WINDOW` on the half-resolution images, 2 x 2 x 2 means of
-    the 0..1 intensities; 1 = identical up to local affine intensity changes);
-    ``mi_before`` / ``mi_after`` (mutual information in nats,
+    nonzero voxels, LUMIR's definition: :func:`lumireg.evaluate.metrics.ndv_percent`)
+    and ``jacobian_min`` (smallest central-difference Jacobian determinant over
+    the volume, <= 0 where it folds: :func:`lumireg.evaluate.metrics.jacobian_determinant`),
+    the evaluator's numbers computed by their screened twins; ``ncc_before`` /
+    ``ncc_after`` (mean local NCC of fixed vs moving and fixed vs warped,
+    :func:`lumireg.kernels.local_ncc` with window :data:`HALF_NCC_WINDOW` on the
+    half-resolution images, 2 x 2 x 2 means of the 0..1 intensities; 1 =
+    identical up to local affine intensity changes); ``mi_before`` /
+    ``mi_after`` (mutual information in nats,
     :func:`lumireg.kernels.mutual_information`'s Parzen estimate with
     :data:`MI_BINS` bins and width :data:`MI_SIGMA` of the 0..1 intensities, at
-    full resolution over the voxels where the fixed image is nonzero, the brain;
-    the warped image taken at its nearest 8-bit level); ``passes`` (network passes composed); ``refinement`` (the
-    refinement's own record for the pair, as given, or None); ``warnings``
-    (``{"code", "message"}`` from :data:`lumireg.contract.QC_WARNINGS`:
-    ``similarity_decreased`` when the brain MI fell by more than
-    :data:`MI_DROP` of its value before (MI decides: it measures how well one
-    image predicts the other whatever their contrasts, while the local NCC, a
-    squared local correlation, rises whenever tissue edges line up, even
-    unlike tissues: on T1/T2 pairs the network made worse it rose), ``folding`` when ``ndv_percent`` exceeds
+    full resolution over the voxels where the fixed image is nonzero, the
+    brain; the warped image taken at its nearest 8-bit level); ``passes``
+    (network passes composed); ``refinement`` (the refinement's own record for
+    the pair, as given, or None); ``warnings`` (``{"code", "message"}`` from
+    :data:`lumireg.contract.QC_WARNINGS`: ``similarity_decreased`` when the
+    brain MI fell by more than :data:`MI_DROP` of its value before,
+    ``folding`` when ``ndv_percent`` exceeds
     :data:`~lumireg.contract.NDV_WARNING_PERCENT`, ``refinement_not_converged``
     when the refinement says it did not converge); ``model`` and ``version``
-    (lumireg's).
+    (lumireg's). MI decides ``similarity_decreased``: it measures how well one
+    image predicts the other whatever their contrasts, while the local NCC, a
+    squared local correlation, rises wherever edges line up, even between
+    unlike tissues (it rose on T1/T2 pairs the network made worse).
 
     Args:
         fixed, moving, warped: ``(B, 1, D, H, W)`` on one device, any real dtype (0..255).
