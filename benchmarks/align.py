@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from lumireg.benchmarks.machine import cpu_model, header, slug
-from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, check_size_multiple
+from lumireg.benchmarks.machine import cpu_model, header, shape_option, slug
+from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
 
 
 def random_pose(generator, shape) -> list[list[float]]:
@@ -137,11 +137,7 @@ def run(args) -> int:
     try:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         similarities = [s.strip() for s in args.similarities.split(",") if s.strip()]
-        shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None
-        if shape is not None:
-            if len(shape) != 3:
-                raise ValueError(f"--shape needs three sizes D,H,W, got {args.shape!r}")
-            check_size_multiple(shape, "--shape")
+        shape = shape_option(args.shape)
         if not modes or not set(modes) <= {"rigid", "affine"}:
             raise ValueError("need --modes from rigid,affine")
         if not similarities or not set(similarities) <= {"ncc", "mi"}:

@@ -92,3 +92,16 @@ def header(benchmark: str, device: str | None = None) -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def shape_option(text: str | None) -> tuple[int, int, int] | None:
+    """A ``--shape D,H,W`` option as a tuple (None when not given); ``ValueError`` unless three multiples of 16."""
+    from lumireg.contract import check_size_multiple
+
+    if not text:
+        return None
+    shape = tuple(int(s) for s in text.split(","))
+    if len(shape) != 3:
+        raise ValueError(f"--shape needs three sizes D,H,W, got {text!r}")
+    check_size_multiple(shape, "--shape")
+    return shape

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from lumireg.benchmarks.machine import cpu_model, header, slug
-from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, MAX_REFINE_STEPS, check_size_multiple
+from lumireg.benchmarks.machine import cpu_model, header, shape_option, slug
+from lumireg.contract import EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE, MAX_REFINE_STEPS
 
 
 def _median_seconds(call, device, repeats: int) -> float:
@@ -111,11 +111,7 @@ def run(args) -> int:
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
         similarities = [s.strip() for s in args.similarities.split(",") if s.strip()]
-        shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None
-        if shape is not None:
-            if len(shape) != 3:
-                raise ValueError(f"--shape needs three sizes D,H,W, got {args.shape!r}")
-            check_size_multiple(shape, "--shape")
+        shape = shape_option(args.shape)
         if not all(0 < s <= MAX_REFINE_STEPS for s in steps) or not set(similarities) <= {"ncc", "mi"}:
             raise ValueError(f"need --steps in 1..{MAX_REFINE_STEPS} and --similarities from ncc,mi")
         if args.repeats < 1:

@@ -107,3 +107,18 @@ def in_process(pair):
 def in_process_two_passes(pair):
     """Two network passes, composed, computed in process."""
     return _in_process(pair, 2)
+
+
+@pytest.fixture(scope="session")
+def network():
+    """The bundled network as the server runs it, in PyTorch: ``(fixed, moving) -> velocity`` on uint8 tensors."""
+    from lumireg.export.onnx import VelocityGraph
+    from lumireg.network.checkpoint import load_model
+
+    graph = VelocityGraph(load_model())
+
+    def run(fixed, moving):
+        with torch.no_grad():
+            return graph(fixed, moving)
+
+    return run

@@ -14,20 +14,6 @@ from lumireg.service.pipeline import register_in_process
 POSE_DEGREES = 20
 
 
-@pytest.fixture(scope="module")
-def network():
-    from lumireg.export.onnx import VelocityGraph
-    from lumireg.network.checkpoint import load_model
-
-    graph = VelocityGraph(load_model())
-
-    def run(fixed, moving):
-        with torch.no_grad():
-            return graph(fixed, moving)
-
-    return run
-
-
 def pose(shape, degrees=POSE_DEGREES, axis=(1, 0, 1), shift=(12.0, -15.0, 8.0)) -> torch.Tensor:
     """``(1, 4, 4)`` pull-back matrix: a rotation about the canvas centre, then a shift (voxels = mm)."""
     axis = torch.tensor(axis, dtype=torch.float64)

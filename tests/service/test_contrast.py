@@ -1,24 +1,8 @@
 """Request parameter ``contrast``: a moving image in another contrast is registered as if it were in the fixed one's."""
 
 import numpy as np
-import pytest
-import torch
 
 from lumireg.service.pipeline import register_in_process
-
-
-@pytest.fixture(scope="module")
-def network():
-    from lumireg.export.onnx import VelocityGraph
-    from lumireg.network.checkpoint import load_model
-
-    graph = VelocityGraph(load_model())
-
-    def run(fixed, moving):
-        with torch.no_grad():
-            return graph(fixed, moving)
-
-    return run
 
 
 def _other_contrast(image: np.ndarray) -> np.ndarray:
