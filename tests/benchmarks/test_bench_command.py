@@ -16,6 +16,7 @@ OPTIONS = {  # every option each subcommand takes, and no other
     "kernels": {"--device", "--shape", "--batch-sizes", "--warmup", "--repeats", "--out"},
     "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--refine-steps", "--out"},
     "refine": {"--device", "--steps", "--similarities", "--repeats", "--shape", "--out"},
+    "align": {"--device", "--poses", "--modes", "--similarities", "--shape", "--out"},
 }
 
 
