@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         metrics_host=getattr(args, "metrics_host", None),
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Ctrl-C stops the server even when it was started with SIGINT ignored (a shell's background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         ensure_exported(args.repository)
         server.start(timeout=args.timeout)
