@@ -27,6 +27,8 @@ SIZE_MULTIPLE = 16  # every spatial size the network takes divides by this (four
 # --- the transform --------------------------------------------------------------------------------------
 INTEGRATION_STEPS = 7  # scaling and squaring: v / 2**7, then 7 times u <- u + warp(u, u)
 NCC_WINDOW = 9  # voxels per side of the local NCC window (training loss and QC)
+# the same ~9 mm on half-resolution images (2 mm voxels): refinement and the QC's NCC
+HALF_NCC_WINDOW = NCC_WINDOW // 2 + 1
 
 
 def check_size_multiple(shape, what: str = "volume") -> None:

@@ -7,8 +7,8 @@ minimises, per pair,
     - S(F, M o exp(v)) / 2 - S(M, F o exp(-v)) / 2 + smooth_weight * |grad v|^2
 
 on the images at half resolution (2 x 2 x 2 means, the velocity's own grid),
-with ``S`` the local NCC (window :data:`NCC_WINDOW_HALF`, about the same 9 mm of
-brain as the training loss's 9 voxels at 1 mm) or the mutual information
+with ``S`` the local NCC (window :data:`lumireg.contract.HALF_NCC_WINDOW`, about the
+same 9 mm of brain as the training loss's 9 voxels at 1 mm) or the mutual information
 (:func:`lumireg.kernels.mutual_information`, for pairs of different
 contrasts). The result is a velocity again, integrated by scaling and squaring
 like the network's, so the field stays diffeomorphic and ``exp(-v)`` stays its
@@ -24,11 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lumireg.contract import INTEGRATION_STEPS
+from lumireg.contract import HALF_NCC_WINDOW, INTEGRATION_STEPS
 from lumireg.kernels import integrate, local_ncc, mutual_information, warp
 
 SIMILARITIES = ("ncc", "mi")
-NCC_WINDOW_HALF = 5  # voxels of the half-resolution grid: 10 mm, near the 9 mm of the training loss
 MI_BINS = 32
 LEARNING_RATE = 0.1  # Adam, in half-resolution voxels per step
 SMOOTH_WEIGHT = 1.0  # times the mean squared forward difference of v, the training loss's regulariser
@@ -45,13 +44,16 @@ def half_resolution(image: torch.Tensor) -> torch.Tensor:
 
 def _similarity(name: str, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     if name == "ncc":
-        return local_ncc(fixed, moving, NCC_WINDOW_HALF)
+        return local_ncc(fixed, moving, HALF_NCC_WINDOW)
     return mutual_information(fixed, moving, MI_BINS)
 
 
-def _smoothness(velocity: torch.Tensor) -> torch.Tensor:
-    """Mean squared forward difference over the 3 axes, ``(B,)``, in (half-resolution voxels)^2 per voxel^2."""
-    return sum(velocity.diff(dim=axis).pow(2).flatten(1).mean(1) for axis in (2, 3, 4)) / 3.0
+def smoothness(field: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser: mean squared forward difference of ``(B, 3, D, H, W)`` over the 3 axes, ``(B,)``.
+
+    Units: squared field units per squared voxel (the field's own voxels). The training loss's and refinement's.
+    """
+    return sum(field.diff(dim=axis).pow(2).flatten(1).mean(1) for axis in (2, 3, 4)) / 3.0
 
 
 def symmetric_similarity(
@@ -107,9 +109,7 @@ def refine(
         optimiser = torch.optim.Adam([current], lr=learning_rate)
         for _ in range(iterations):
             optimiser.zero_grad(set_to_none=True)
-            loss = smooth_weight * _smoothness(current) - symmetric_similarity(
-                current, fixed, moving, similarity, steps
-            )
+            loss = smooth_weight * smoothness(current) - symmetric_similarity(current, fixed, moving, similarity, steps)
             loss.sum().backward()  # pairs are independent: each one's gradient is its own
             optimiser.step()
         with torch.no_grad():

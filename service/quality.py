@@ -22,11 +22,9 @@ from contextlib import contextmanager
 import torch
 
 from lumireg import __version__, contract
-from lumireg.contract import MI_DROP_PERCENT, NCC_WINDOW, NDV_WARNING_PERCENT, QC_WARNINGS
+from lumireg.contract import HALF_NCC_WINDOW, MI_DROP_PERCENT, NDV_WARNING_PERCENT, QC_WARNINGS
 from lumireg.evaluate.metrics import screened_jacobian_min, screened_ndv_percent
 
-# half resolution: 5 voxels (10 mm), the odd window nearest the 9 mm of NCC_WINDOW at full resolution
-HALF_NCC_WINDOW = NCC_WINDOW // 2 + 1
 NCC_EPS = 1e-5  # lumireg.kernels.local_ncc's guard of flat windows
 MI_BINS, MI_SIGMA = 32, 0.5  # lumireg.kernels.mutual_information's defaults: bins over 0..1, Gaussian width in bins
 MI_EPS = 1e-10  # its guard of empty bins
@@ -54,7 +52,7 @@ def quality_report(
     the volume, <= 0 where it folds: :func:`lumireg.evaluate.metrics.jacobian_determinant`),
     the evaluator's numbers computed by their screened twins; ``ncc_before`` /
     ``ncc_after`` (mean local NCC of fixed vs moving and fixed vs warped,
-    :func:`lumireg.kernels.local_ncc` with window :data:`HALF_NCC_WINDOW` on the
+    :func:`lumireg.kernels.local_ncc` with window :data:`~lumireg.contract.HALF_NCC_WINDOW` on the
     half-resolution images, 2 x 2 x 2 means of the 0..1 intensities; 1 =
     identical up to local affine intensity changes); ``mi_before`` /
     ``mi_after`` (mutual information in nats,

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from lumireg.contract import NCC_WINDOW, check_size_multiple
 from lumireg.kernels import warp
 from lumireg.network import LumiNet, NetworkConfig, read_checkpoint, save_checkpoint, velocity_to_displacement
-from lumireg.train.losses import mi_loss, ncc_loss, smoothness
+from lumireg.network.refine import smoothness
+from lumireg.train.losses import mi_loss, ncc_loss
 
 
 @dataclass

@@ -29,12 +29,3 @@ def mutual_information(fixed: torch.Tensor, moving: torch.Tensor, bins: int = 32
 def mi_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """``-mutual_information``: ``(B,)``."""
     return -mutual_information(fixed, warped, bins)
-
-
-def smoothness(field: torch.Tensor) -> torch.Tensor:
-    """Diffusion regulariser: mean squared forward difference of ``(B, 3, D, H, W)`` over the 3 axes, ``(B,)``.
-
-    Units: squared field units per squared voxel (the field's own voxels).
-    """
-    terms = [field.diff(dim=axis).pow(2).flatten(1).mean(1) for axis in (2, 3, 4)]
-    return sum(terms) / 3.0
