@@ -198,21 +198,10 @@ def postprocess(
         out["displacement_fp16"] = displacement.half()
     if "qc" in wanted:
         with timer.stage("qc", device):
-            reports = [
-                json.dumps(report)
-                for report in quality_report(
-                    fixed,
-                    moving,
-                    warped,
-                    displacement,
-                    model,
-                    len(velocities),
-                    refinement=refinement,
-                )
-            ]
+            reports = quality_report(fixed, moving, warped, displacement, model, len(velocities), refinement=refinement)
             if alignment:
-                reports = [json.dumps(with_alignment(json.loads(r), a)) for r, a in zip(reports, alignment)]
-            out["qc"] = reports
+                reports = [with_alignment(report, a) for report, a in zip(reports, alignment)]
+            out["qc"] = [json.dumps(report) for report in reports]
     return out
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lumireg.benchmarks.align import corner_error_mm
 from lumireg.contract import intensities_to_uint8
 from lumireg.kernels import warp
 from lumireg.network import align
@@ -33,22 +34,6 @@ def _pose(degrees, axis, shift_mm, scale=(1.0, 1.0, 1.0), shape=(160, 224, 192))
     return matrix
 
 
-def _corner_error_mm(found: torch.Tensor, true: torch.Tensor, image: torch.Tensor) -> float:
-    """Mean distance (mm, 1 mm voxels) between where two matrices send the 8 corners of the brain's bounding box."""
-    inside = (image[0, 0] > 0).nonzero()
-    low, high = inside.min(0).values.double(), inside.max(0).values.double()
-    corners = torch.tensor(
-        [
-            [(low, high)[a][0], (low, high)[b][1], (low, high)[c][2], 1.0]
-            for a in (0, 1)
-            for b in (0, 1)
-            for c in (0, 1)
-        ],
-        dtype=torch.float64,
-    ).T
-    return float((found.double() @ corners - true @ corners)[:3].norm(dim=0).mean())
-
-
 def _posed(brain, pose):
     """``brain`` re-posed: ``posed(x) = brain(pose x)``, so the matrix that undoes it is ``inv(pose)``."""
     return align.resample(brain, pose[None].float()), torch.linalg.inv(pose)
@@ -58,7 +43,7 @@ def test_a_posed_copy_of_an_image_recovers_the_applied_affine_within_1_mm_at_the
     posed, true = _posed(brain, _pose(20, (1, -1, 1), (-20, 15, 10), scale=(1.05, 0.97, 1.0)))
     matrix, (report,) = align.estimate(brain, posed, "affine")
     assert report["converged"], report
-    assert _corner_error_mm(matrix[0], true, brain) < 1.0
+    assert corner_error_mm(matrix[0], true, brain) < 1.0
     assert report["after"] > report["before"]
     assert len(report["matrix_voxels"]) == 4 and len(report["matrix_mm"]) == 4
 
@@ -72,7 +57,7 @@ def test_rotations_of_10_to_30_degrees_and_shifts_up_to_30_mm_converge(brain, de
     matrix, (report,) = align.estimate(brain, posed, mode)
     assert report["converged"], report
     assert report["angle_degrees"] == pytest.approx(degrees, abs=1.5)
-    assert _corner_error_mm(matrix[0], true, brain) < 1.5
+    assert corner_error_mm(matrix[0], true, brain) < 1.5
     if mode == "rigid":  # a rigid estimate is a rotation: orthonormal, no scaling
         linear = matrix[0, :3, :3].double()
         assert torch.allclose(linear @ linear.T, torch.eye(3, dtype=torch.float64), atol=1e-4)
@@ -118,7 +103,7 @@ def test_each_pair_of_a_batch_is_aligned_on_its_own(brain):
     matrix, reports = align.estimate(torch.cat([brain, brain]), torch.cat([brain, posed]), "rigid")
     assert [r["converged"] for r in reports] == [True, True]
     assert torch.allclose(matrix[0], torch.eye(4), atol=0.05)
-    assert _corner_error_mm(matrix[1], true, brain) < 1.5
+    assert corner_error_mm(matrix[1], true, brain) < 1.5
 
 
 def test_the_composed_displacement_is_the_affine_after_the_networks_field():
