@@ -69,6 +69,7 @@ REQUESTS = {
     "lumireg-contrast-refine-mi": {"passes": 1, "contrast": "other", "similarity": "mi"},
 }
 METHODS = ("none", "syn", *REQUESTS)
+CANVAS_ONLY_SETS = {"pose"}  # scanner-pose copies of canvas pairs (lumireg.benchmarks.pose): no --shape
 METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
 SETS = {  # name -> where its pairs come from
     "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
@@ -76,6 +77,8 @@ SETS = {  # name -> where its pairs come from
     "no code shared with training); 54 tissue x 3x3x2 parcel labels",
     "contrast": "the independent pairs with one image re-rendered T2-like (CSF bright, WM dark): fixed T1 and "
     "moving T2 for even indices, the reverse for odd ones; same labels",
+    "pose": "the synthetic set's pairs with the moving image re-stored in scanner pose (lumireg.benchmarks.pose: "
+    "10-30 degrees, 10-30 mm, 1x1x1.3 mm LPS voxels, 200x240x200 mm), registered through the client; same labels",
 }
 
 
@@ -103,13 +106,11 @@ def _register_syn(fixed: np.ndarray, moving: np.ndarray, model) -> np.ndarray:
     return np.stack(disp).astype(np.float32)
 
 
-def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, request: dict) -> np.ndarray:
-    """The network in PyTorch with the service's request parameters ``request``, as the server runs them
-    (:func:`lumireg.service.pipeline.transform`)."""
+def _network(model):
+    """``(fixed, moving) -> velocity`` on uint8 tensors: the network in PyTorch as the service exports it."""
     import torch
 
     from lumireg.export.onnx import VelocityGraph
-    from lumireg.service.pipeline import transform
 
     graph = VelocityGraph(model)
 
@@ -117,8 +118,33 @@ def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, request: dic
         with torch.no_grad():
             return graph(f, m)
 
+    return network
+
+
+def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, request: dict) -> np.ndarray:
+    """The network with the service's request parameters ``request``, as the server runs them
+    (:func:`lumireg.service.pipeline.transform`)."""
+    import torch
+
+    from lumireg.service.pipeline import transform
+
     pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
-    return transform(network, *pair, **request, steps=model.config.steps)[0][0].detach().numpy()
+    return transform(_network(model), *pair, **request, steps=model.config.steps)[0][0].detach().numpy()
+
+
+def _register_posed(method: str, pair: dict, model, request: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """One method on a pose-set pair (:func:`lumireg.benchmarks.pose.posed_pair`): warped labels and displacement."""
+    from lumireg.benchmarks import pose
+
+    if method == "none":
+        return pose.register_none(pair)
+    if method == "syn":
+        return pose.register_syn(pair)
+    # only the request's own parameters: the client adds align=affine for a scan not on LUMIR's canvas
+    given = dict(REQUESTS[method])
+    if "similarity" in given:
+        given["refine"] = request["refine"]
+    return pose.register_lumireg(pair, pose.InProcessClient(_network(model), model.config.steps), given)
 
 
 REGISTER = {"none": _register_none, "syn": _register_syn}
@@ -134,12 +160,17 @@ def _request(method: str, refine_steps: int) -> dict:
     return request_parameters(request)
 
 
-def score(disp: np.ndarray, sample: dict, labels: list[int]) -> dict:
-    """LUMIR metrics of a ``(3, D, H, W)`` voxel pull-back ``disp`` on one pair (a :func:`pair_set` sample)."""
+def score(disp: np.ndarray, sample: dict, labels: list[int], warped: np.ndarray | None = None) -> dict:
+    """LUMIR metrics of a ``(3, D, H, W)`` voxel pull-back ``disp`` on one pair (a :func:`pair_set` sample).
+
+    ``warped``: the moving labels already on the fixed grid (the pose set's methods warp them from the posed
+    image themselves); None: the sample's moving labels warped through ``disp`` by nearest neighbour.
+    """
     field = as_channels_last(disp)
     fixed_labels = sample["fixed_labels"][0].numpy()
     moving_labels = sample["moving_labels"][0].numpy()
-    warped = warp_labels_nearest(moving_labels, field)
+    if warped is None:
+        warped = warp_labels_nearest(moving_labels, field)
     mask = sample["moving"][0].numpy() > 0
     return {
         "dice": float(np.nanmean(dice(fixed_labels, warped, labels, moving_labels))),
@@ -155,20 +186,31 @@ def _summary(rows: list[dict]) -> dict:
     }
 
 
+def _shown(sample: dict, disp: np.ndarray, posed: dict | None) -> tuple:
+    """The figure's row for one pair: fixed, moving and lumireg's warped moving image on the fixed grid (0..1), and
+    ``disp``; a pose-set pair (``posed``) shows its posed moving image placed by the world affines alone."""
+    import torch
+
+    from lumireg.benchmarks import pose
+    from lumireg.kernels import warp
+
+    fixed = sample["fixed"][0].numpy()
+    if posed is not None:
+        zero = np.zeros_like(disp)
+        return fixed, pose.on_fixed_grid(posed, "moving", zero), pose.on_fixed_grid(posed, "moving", disp), disp
+    warped = warp(sample["moving"][None], torch.from_numpy(disp)[None])[0, 0].numpy()
+    return fixed, sample["moving"][0].numpy(), warped, disp
+
+
 def _figure(shown: dict, path: Path) -> None:
-    """One row per set in ``shown`` (``{set: (sample, disp)}``): images, lumireg's warped moving image, Jacobian."""
+    """One row per set in ``shown`` (``{set: _shown(...)}``): images, lumireg's warped moving image, Jacobian."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-
-    from lumireg.kernels import warp
 
     fig, rows = plt.subplots(len(shown), 6, figsize=(18, 3.6 * len(shown)), dpi=100, squeeze=False)
-    for axes, (set_name, (sample, disp)) in zip(rows, shown.items()):
-        fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
-        warped = warp(sample["moving"][None], torch.from_numpy(disp)[None])[0, 0].numpy()
+    for axes, (set_name, (fixed, moving, warped, disp)) in zip(rows, shown.items()):
         jac = jacobian_determinant(as_channels_last(disp))
         k = fixed.shape[2] // 2  # an axial slice through the middle of the brain
         panels = [
@@ -210,7 +252,7 @@ def _print_table(table: dict) -> None:
 
 def set_labels(name: str) -> list[int]:
     """The label values scored on set ``name`` (:data:`SETS`), background excluded."""
-    if name == "synthetic":
+    if name in ("synthetic", "pose"):
         from lumireg.train.canvas import LABELS
     elif name in ("independent", "contrast"):
         from lumireg.benchmarks.independent_pairs import LABELS
@@ -228,7 +270,7 @@ def pair_set(name: str, pairs: int, shape: tuple[int, int, int] | None = None) -
     ``shape``: ``(D, H, W)`` voxels, ``None`` for LUMIR's 160 x 224 x 192 at 1 mm.
     """
     set_labels(name)  # refuses an unknown set
-    if name == "synthetic":
+    if name in ("synthetic", "pose"):
         from lumireg.train.data import SyntheticPairs, evaluation_seeds
 
         dataset = SyntheticPairs(evaluation_seeds(pairs), shape=shape, split="eval", labels=True)
@@ -278,24 +320,30 @@ def benchmark(
         The ``accuracy.json`` content: header, ``units``, ``sets: {set: {"pairs_from", "labels", "methods":
         {method: {"pairs", "shape", "summary": {metric: {"mean", "std"}}, ...}}}}``.
     """
+    from lumireg.benchmarks import pose
+
     requests = {name: _request(name, refine_steps) for name in REQUESTS}
     shown = {}
     for set_name in sets:
         labels, loaders = set_labels(set_name), pair_set(set_name, pairs, shape)
         rows = {method: [] for method in methods}
-        for load in tqdm(loaders, desc=set_name, unit="pair"):
+        for index, load in enumerate(tqdm(loaders, desc=set_name, unit="pair")):
             sample = load()  # once per pair: every method registers the same images
             fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
+            posed = pose.posed_pair(sample, index) if set_name == "pose" else None
             for method in methods:
-                started = time.perf_counter()
-                if method in requests:
+                started, warped = time.perf_counter(), None
+                if posed is not None:
+                    warped, disp = _register_posed(method, posed, model, requests.get(method))
+                elif method in requests:
                     disp = _register_lumireg(fixed, moving, model, requests[method])
                 else:
                     disp = REGISTER[method](fixed, moving, model)
                 seconds = time.perf_counter() - started
-                rows[method].append({"seed": int(sample["seed"]), **score(disp, sample, labels), "seconds": seconds})
+                scores = score(disp, sample, labels, warped)
+                rows[method].append({"seed": int(sample["seed"]), **scores, "seconds": seconds})
                 if method == "lumireg" and set_name not in shown:
-                    shown[set_name] = (sample, disp)
+                    shown[set_name] = _shown(sample, disp, posed)
         for method in methods:
             result = {
                 **header("accuracy", f"cpu {cpu_model()}"),
@@ -351,7 +399,10 @@ def add_arguments(parser) -> None:
         default="benchmarks/results",
         help="folder for the results, a sub-folder per device (default: benchmarks/results)",
     )
-    parser.add_argument("--sets", default=",".join(SETS), help=f"pair sets (default: {','.join(SETS)})")
+    parser.add_argument(
+        "--sets",
+        help=f"pair sets (default: {','.join(SETS)}; with --shape, every set but pose, which is LUMIR's canvas only)",
+    )
     parser.add_argument(
         "--refine-steps",
         type=int,
@@ -367,9 +418,13 @@ def run(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]
-    sets = [s.strip() for s in (getattr(args, "sets", None) or ",".join(SETS)).split(",")]
+    # with --shape, the default leaves out the sets defined on LUMIR's canvas only
+    default_sets = [name for name in SETS if not (args.shape and name in CANVAS_ONLY_SETS)]
+    sets = [s.strip() for s in (getattr(args, "sets", None) or ",".join(default_sets)).split(",")]
     try:
         shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None  # None: the 1 mm canvas
+        if shape and set(sets) & CANVAS_ONLY_SETS:
+            raise ValueError(f"set(s) {','.join(sorted(CANVAS_ONLY_SETS))}: LUMIR's canvas only, leave --shape out")
         if unknown or args.pairs < 1 or (shape and len(shape) != 3) or not set(sets) <= set(SETS):
             raise ValueError
         if shape and any(m.startswith("lumireg") for m in methods):

@@ -103,6 +103,13 @@ def test_accuracy_benchmark_refuses_bad_options(tmp_path, capsys, option, value)
     assert option in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_accuracy_benchmark_refuses_the_pose_set_off_lumirs_canvas(tmp_path, capsys):
+    argv = ["bench", "accuracy", "--sets", "pose", "--shape", "48,64,48", "--out", str(tmp_path)]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == EXIT_USAGE
+    assert "canvas" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_accuracy_benchmark_reads_method_files_written_before_the_common_header(accuracy_run, tmp_path):
     folder = tmp_path / accuracy_run.folder.name
     folder.mkdir()
