@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from lumireg.client import dicom as _dicom
 from lumireg.client import geometry
 from lumireg.client.security import Credentials, diagnose, grpc_client, shared_memory_headers
 from lumireg.client.transport import GrpcTransport, SharedMemoryTransport
@@ -80,10 +81,23 @@ class Image:
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | None = None
+    dicom: object = None  # the DicomSeries (or, for labels, the SEG's segments) when read from DICOM
 
 
-def load_image(source, what: str, affine: np.ndarray | None = None) -> Image:
-    """A path, a nibabel image or an array (with ``affine``; LUMIR-shaped uint8 arrays may omit it) -> Image."""
+def load_image(source, what: str, affine: np.ndarray | None = None, series_uid: str | None = None) -> Image:
+    """A path, a nibabel image or an array (with ``affine``; LUMIR-shaped uint8 arrays may omit it) -> Image.
+
+    A DICOM series (a folder, a list of files, or one DICOM file) is read by :mod:`lumireg.client.dicom`, which
+    places its slices by position and orientation; ``series_uid`` chooses one of several series in a folder.
+    """
+    if _dicom.is_dicom_source(source):
+        try:
+            series = _dicom.read_series(source, series_uid, what)
+        except _dicom.DicomError as exc:
+            raise InputError(f"{what}: {exc}" if not str(exc).startswith(what) else str(exc)) from exc
+        image = load_image(series.data, what, series.affine)
+        image.dicom = series
+        return image
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -124,16 +138,30 @@ class RegistrationResult:
     displacement_itk: nib.Nifti1Image | None = None
     qc: dict | None = None
     seconds: dict = field(default_factory=dict)  # wall time: "server" (the request), "total"
+    inputs: dict = field(default_factory=dict)  # the Images registered: "fixed", "moving", "moving_labels"
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write every output present to ``out_dir`` (:data:`FILES` names); each file appears whole or not at all."""
+    def save(self, out_dir: str | Path, output_format: str = "nifti", uid_root: str | None = None) -> dict[str, Path]:
+        """Write every output present to ``out_dir`` (:data:`FILES` names); each file appears whole or not at all.
+
+        ``output_format="dicom"`` writes the warped image and labels as DICOM on a DICOM fixed image's series
+        instead (:func:`lumireg.client.dicom_out.save`, new UIDs under ``uid_root``), the fields and QC as here.
+        """
+        if output_format == "dicom":
+            from lumireg.client import dicom_out
+
+            return dicom_out.save(self, out_dir, uid_root)
+        if output_format != "nifti":
+            raise ValueError(f"output_format must be 'nifti' or 'dicom', got {output_format!r}")
+        return self._save_files(out_dir, FILES)
+
+    def _save_files(self, out_dir: str | Path, files: dict[str, str]) -> dict[str, Path]:
         out_dir = Path(out_dir)
         written = {}
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
-        for name, filename in FILES.items():
+        for name, filename in files.items():
             value = getattr(self, name)
             if value is None:
                 continue
@@ -327,17 +355,20 @@ class RegistrationClient:
         similarity: str | None = None,
         contrast: str | None = None,
         align: str | None = None,
+        fixed_series: str | None = None,
+        moving_series: str | None = None,
     ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
         Args:
-            fixed, moving: NIfTI paths, nibabel images, or 3-D arrays with
-                ``fixed_affine`` / ``moving_affine`` ((4, 4) voxel -> RAS mm).
+            fixed, moving: NIfTI paths, DICOM series (folders, lists of files, a multi-frame file), nibabel
+                images, or 3-D arrays with ``fixed_affine`` / ``moving_affine`` ((4, 4) voxel -> RAS mm).
             outputs: any of :data:`RESULT_OUTPUTS`; None (the default):
                 ``displacement`` and ``warped``, and ``warped_labels`` when
                 ``moving_labels`` is given (see :func:`default_outputs`).
             moving_labels: a label map on the moving image's grid (path, image
-                or array of whole numbers); needed for ``warped_labels``.
+                or array of whole numbers, or a DICOM SEG drawn on the moving series: its segment numbers);
+                needed for ``warped_labels``.
             precision: ``"float16"`` (half the bytes on the wire) or
                 ``"float32"`` for the displacement fields.
             field_format: ``"lumir"``, or ``"itk"`` to also get ``displacement_itk``.
@@ -351,6 +382,7 @@ class RegistrationClient:
             align: affine pre-alignment on the server, ``"none"``, ``"rigid"`` or ``"affine"``; None:
                 ``"affine"`` when either image did not arrive on LUMIR's canvas (not uint8 of exactly
                 160 x 224 x 192: it may sit in scanner pose), else the server's default (none).
+            fixed_series, moving_series: the Series Instance UID to read when a DICOM folder holds several.
 
         Returns:
             a :class:`RegistrationResult` holding the outputs asked for, each
@@ -370,7 +402,9 @@ class RegistrationClient:
             outputs = default_outputs(moving_labels is not None)
         outputs = _checked_outputs(outputs, precision, field_format, moving_labels is not None)
         placed = _place(
-            load_image(fixed, "fixed", fixed_affine), load_image(moving, "moving", moving_affine), moving_labels
+            load_image(fixed, "fixed", fixed_affine, fixed_series),
+            load_image(moving, "moving", moving_affine, moving_series),
+            moving_labels,
         )
         if align is None and not placed.native:
             parameters = {**(parameters or {}), "align": "affine"}  # a scan in scanner pose: align it first
@@ -378,6 +412,7 @@ class RegistrationClient:
         sent = time.perf_counter()
         answer = self.infer(inputs, wire, parameters)
         result = RegistrationResult(seconds={"server": time.perf_counter() - sent})
+        result.inputs = {"fixed": placed.fixed, "moving": placed.moving, "moving_labels": placed.labels}
         _reassemble(result, answer, placed, outputs, precision, field_format)
         result.seconds["total"] = time.perf_counter() - start
         return result
@@ -415,6 +450,14 @@ def _checked_outputs(outputs, precision: str, field_format: str, has_labels: boo
 def _load_labels(source, moving: Image) -> Image:
     """The moving image's label map as integers: on the moving image's grid (its affine when ``source`` is an
     array), whole-number floats (as many tools save label maps) turned to int32; :class:`InputError` otherwise."""
+    if _dicom.is_dicom_source(source):
+        try:
+            data, segments, _ = _dicom.read_segmentation(source, moving.affine, moving.data.shape)
+        except _dicom.DicomError as exc:
+            raise InputError(str(exc)) from exc
+        if not data.any():
+            raise InputError("moving_labels: the segmentation is empty (no segment covers a voxel)")
+        return Image(data, moving.affine, None, segments)
     labels = load_image(source, "moving_labels", moving.affine)
     if labels.data.shape != moving.data.shape:
         raise InputError(
