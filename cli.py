@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lumireg.client.command import add_parser as add_register
 
     add_register(sub)
+    from lumireg.pacs.command import add_parser as add_pacs
+
+    add_pacs(sub)
 
     evaluate = sub.add_parser("evaluate", help="score displacement fields with the LUMIR metrics")
     evaluate.add_argument("-i", "--input", required=True, help="folder of disp_{fixedID}_{movingID}.nii.gz fields")

@@ -150,7 +150,7 @@ def _parameters(args) -> dict:
 
 
 def _single(args, client, requested: tuple[str, ...] | None) -> int:
-    from lumireg.client.registration import FILES, default_outputs
+    from lumireg.client.registration import default_outputs
 
     outputs = requested or default_outputs(args.labels is not None, DEFAULT_OUTPUTS)
     result = client.register(
@@ -160,11 +160,13 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
         moving_labels=args.labels,
         precision=args.precision,
         field_format=args.field_format,
+        fixed_series=args.fixed_series,
+        moving_series=args.moving_series,
         **_parameters(args),
     )
-    written = result.save(args.out)
+    written = result.save(args.out, args.output_format, args.uid_root)
     for name in written:
-        print(f"{name}: {Path(args.out) / FILES[name]}")
+        print(f"{name}: {written[name]}")
     if result.qc:
         print(
             f"qc: NDV {result.qc['ndv_percent']:.4f} %, NCC {result.qc['ncc_before']:.3f} -> "
@@ -419,12 +421,24 @@ def add_parser(sub) -> None:
         help="register a fixed and a moving NIfTI image through the service",
         description=__doc__.split("\n\n")[0],
     )
-    register.add_argument("fixed", nargs="?", help="fixed image (NIfTI)")
-    register.add_argument("moving", nargs="?", help="moving image (NIfTI)")
+    register.add_argument("fixed", nargs="?", help="fixed image (NIfTI, or a DICOM series: a folder or one file)")
+    register.add_argument("moving", nargs="?", help="moving image (NIfTI, or a DICOM series: a folder or one file)")
     register.add_argument("-o", "--out", required=True, help="output folder")
     register.add_argument(
-        "--labels", help="label map on the moving image's grid: adds warped_labels to the default outputs"
+        "--labels",
+        help="label map on the moving image's grid (NIfTI, or a DICOM SEG on the moving series): adds warped_labels "
+        "to the default outputs",
     )
+    register.add_argument(
+        "--output-format",
+        choices=("nifti", "dicom"),
+        default="nifti",
+        help="dicom: the warped image as a derived MR series and the labels as a SEG on a DICOM fixed series "
+        "(fields stay NIfTI) (default: nifti)",
+    )
+    register.add_argument("--uid-root", help="with --output-format dicom: root of the new UIDs (default: 2.25.)")
+    register.add_argument("--fixed-series", help="the Series Instance UID to read from a fixed folder of several")
+    register.add_argument("--moving-series", help="the Series Instance UID to read from a moving folder of several")
     register.add_argument(
         "--outputs",
         help="comma-separated: displacement, inverse_displacement, warped, warped_labels, qc "

@@ -163,7 +163,7 @@ def derived_series(
         ds.SeriesNumber = SERIES_NUMBER["warped"]
         ds.InstanceNumber = k + 1
         ds.SeriesDescription = series_description("warped", model)
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
         ds.DerivationDescription = (
             f"moving series {moving_uid} deformably registered to series {fixed.series_uid} by lumireg"
         )[:1024]
@@ -174,7 +174,8 @@ def derived_series(
         ds.SoftwareVersions = __version__
         ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
         ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        _copy(ds, first, ("PatientPosition",))
+        ds.PatientPosition, ds.Laterality = None, None  # type 2C: the fixed series' values, else empty
+        _copy(ds, first, ("PatientPosition", "Laterality"))
         ds.ImageOrientationPatient, ds.ImagePositionPatient = _plane(fixed, k)
         ds.PixelSpacing = [f"{v:.10g}" for v in np.linalg.norm(fixed.affine[:3, [1, 0]], axis=0)]
         ds.SliceThickness = f"{np.linalg.norm(fixed.affine[:3, 2]):.10g}"
