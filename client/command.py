@@ -445,7 +445,10 @@ def add_parser(sub) -> None:
         f"(default: {','.join(DEFAULT_OUTPUTS)}, and warped_labels with labels)",
     )
     register.add_argument(
-        "--url", default="localhost:8001", help="the server's gRPC host:port (default: localhost:8001)"
+        "--url",
+        default="localhost:8001",
+        help="the server's gRPC host:port (default: localhost:8001); several as host:port,host:port,... or a DNS "
+        "name with several addresses: pairs rotate over the servers that are up, a failed one is retried on another",
     )
     register.add_argument(
         "--transport",

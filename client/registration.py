@@ -26,10 +26,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from lumireg.client import dicom as _dicom
-from lumireg.client import geometry
+from lumireg.client import endpoints, geometry
 from lumireg.client.security import Credentials, diagnose, grpc_client, shared_memory_headers
 from lumireg.client.transport import GrpcTransport, SharedMemoryTransport
 from lumireg.contract import ACCESS_KEY_ENV, ACCESS_KEY_HEADER, ENTRY_MODEL, request_parameters
@@ -44,7 +45,6 @@ FILES = {
     "qc": "qc.json",
     "displacement_itk": "displacement_itk.nii.gz",
 }
-LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 # gRPC statuses (InferenceServerException.status()) that mean "no server to answer now", so a request is retried:
 # UNAVAILABLE: nothing listens at the address, or the server says try again (its network model is not loaded);
 # NOT_FOUND: a stopping or starting server has no loaded model 'lumireg', or a restarted one has forgotten the
@@ -204,8 +204,10 @@ class RegistrationClient:
     """A connection to a lumireg server.
 
     Args:
-        url: the server's gRPC endpoint, ``host:port``.
-        transport: ``"auto"`` (system shared memory when the host is this
+        url: the server's gRPC endpoint, ``host:port``; several servers as ``host:port,host:port,...``,
+            or a DNS name that resolves to several (:mod:`lumireg.client.endpoints`): requests then rotate
+            over the servers that are up (gRPC's ``round_robin``), and one that fails is retried on another.
+        transport: ``"auto"`` (system shared memory when the url is one server on this
             machine's loopback, else gRPC payloads), ``"shm"`` or ``"grpc"``.
         timeout: seconds one request may take before it fails.
         retry_seconds: how long to keep retrying, with exponential backoff,
@@ -224,15 +226,18 @@ class RegistrationClient:
         concurrency: int = 1,
         credentials: Credentials | None = None,
     ):
+        self.endpoints = endpoints.parse(url)
         if transport == "auto":
-            transport = "shm" if url.rsplit(":", 1)[0] in LOOPBACK else "grpc"
+            transport = "shm" if self.endpoints.loopback else "grpc"
         if transport not in ("shm", "grpc"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'grpc', got {transport!r}")
+        if transport == "shm" and self.endpoints.several:
+            raise ValueError(f"shared memory needs one server on this host; {url!r} names several: use grpc")
         self.url, self.timeout, self.retry_seconds = url, timeout, retry_seconds
         self.credentials = credentials or Credentials()
         self.credentials.check()
         self.transport_name = transport
-        self.client = grpc_client(url, self.credentials)
+        self.client = self._connect(self.endpoints.target, self.endpoints.several)
         self.transport = (
             SharedMemoryTransport(concurrency, headers=shared_memory_headers(url))
             if transport == "shm"
@@ -250,6 +255,12 @@ class RegistrationClient:
         self.transport.close(self.client)
         self.client.close()
 
+    def _connect(self, target: str, several: bool) -> grpcclient.InferenceServerClient:
+        """A tritonclient client for ``target`` with lumireg's channel arguments (a list of addresses checks the
+        servers' TLS certificates against the first host listed)."""
+        name = endpoints.split(self.endpoints.servers[0])[0] if several and self.credentials.uses_tls else None
+        return grpc_client(target, self.credentials, endpoints.channel_args(name))
+
     def ready(self) -> bool:
         """True when the server and its ``lumireg`` model are ready to answer."""
         try:
@@ -259,8 +270,8 @@ class RegistrationClient:
 
     def unreachable_reason(self) -> str:
         """A phrase on why nothing answers at the URL (TLS on one side only, an untrusted certificate, a missing
-        client certificate; :func:`lumireg.client.security.diagnose`), or ""."""
-        return diagnose(self.url, self.credentials)
+        client certificate; :func:`lumireg.client.security.diagnose`; the first server's reason of several), or ""."""
+        return next(filter(None, (diagnose(server, self.credentials) for server in self.endpoints.each())), "")
 
     def access_problem(self) -> str | None:
         """Why a server that is up (its open health endpoint says ready) refuses this client, or None.
@@ -268,35 +279,50 @@ class RegistrationClient:
         Told apart by gRPC status, not by message: Triton answers a call without the header a restricted protocol
         needs with UNAVAILABLE, as it does a full queue; the metadata call (restricted like inference, unaffected
         by the queue) failing with UNAVAILABLE while health says ready means the access key. The message names
-        the header and the options, never a key.
+        the header and the options, never a key. With several servers each is asked on a connection of its own
+        (both calls must reach the same server), and the first refusal is returned.
         """
+        servers = self.endpoints.each()
+        if len(servers) == 1:
+            return self._access_problem(self.client, self.url)
+        for server in servers:
+            client = self._connect(server, several=True)
+            try:
+                problem = self._access_problem(client, server)
+            finally:
+                client.close()
+            if problem:
+                return problem
+        return None
+
+    def _access_problem(self, client, url: str) -> str | None:
         try:
-            if not self.client.is_server_ready(client_timeout=10):
+            if not client.is_server_ready(client_timeout=10):
                 return None
         except InferenceServerException:
             return None
         try:
-            self.client.get_server_metadata(client_timeout=10)
+            client.get_server_metadata(client_timeout=10)
         except InferenceServerException as exc:
             if exc.status() != UNAVAILABLE:
                 return None
             if self.credentials.access_key:
                 return (
-                    f"the server at {self.url} refused this client's access key (header {ACCESS_KEY_HEADER}); "
+                    f"the server at {url} refused this client's access key (header {ACCESS_KEY_HEADER}); "
                     f"check --access-key-file or ${ACCESS_KEY_ENV}"
                 )
             return (
-                f"the server at {self.url} needs an access key (header {ACCESS_KEY_HEADER}): "
+                f"the server at {url} needs an access key (header {ACCESS_KEY_HEADER}): "
                 f"give --access-key-file FILE or set ${ACCESS_KEY_ENV}"
             )
         if self.transport_name == "shm":
             headers = self.transport.headers
             try:
-                self.client.get_system_shared_memory_status(headers=dict(headers or {}), client_timeout=10)
+                client.get_system_shared_memory_status(headers=dict(headers or {}), client_timeout=10)
             except InferenceServerException as exc:
                 if exc.status() == UNAVAILABLE:
                     return (
-                        f"the server at {self.url} does not let this client use shared memory (it listens beyond "
+                        f"the server at {url} does not let this client use shared memory (it listens beyond "
                         "loopback and its local secret is not readable here): use --transport grpc"
                     )
         return None

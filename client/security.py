@@ -89,8 +89,11 @@ class _AccessKey(InferenceServerClientPlugin):
         return "_AccessKey(<hidden>)"
 
 
-def grpc_client(url: str, credentials: Credentials) -> grpcclient.InferenceServerClient:
-    """A tritonclient gRPC client for ``url`` with the TLS settings and the access key of ``credentials``."""
+def grpc_client(
+    url: str, credentials: Credentials, channel_args: list | None = None
+) -> grpcclient.InferenceServerClient:
+    """A tritonclient gRPC client for ``url`` (any gRPC target) with the TLS settings and the access key of
+    ``credentials``; ``channel_args`` replace tritonclient's (:func:`lumireg.client.endpoints.channel_args`)."""
     tls = {}
     if credentials.uses_tls:
         tls = dict(
@@ -99,7 +102,7 @@ def grpc_client(url: str, credentials: Credentials) -> grpcclient.InferenceServe
             private_key=credentials.tls_key,
             certificate_chain=credentials.tls_cert,
         )
-    client = grpcclient.InferenceServerClient(url, **tls)
+    client = grpcclient.InferenceServerClient(url, channel_args=channel_args, **tls)
     if credentials.access_key:
         client.register_plugin(_AccessKey(credentials.access_key))
     return client

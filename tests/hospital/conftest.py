@@ -1,5 +1,6 @@
-"""Fixtures of the hospital-grade tests: a throw-away CA, an access key, LUMIR-shaped image files."""
+"""Fixtures of the hospital-grade tests: a throw-away CA, an access key, LUMIR-shaped image files, pairs files."""
 
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -46,3 +47,25 @@ def lumir_pair_files(pair, tmp_path_factory) -> tuple[Path, Path]:
         paths.append(root / name)
         nib.save(nib.Nifti1Image(image, affine), str(paths[-1]))
     return tuple(paths)
+
+
+@pytest.fixture
+def pairs_csv(tmp_path, lumir_pair_files):
+    """``pairs_csv(n)``: the path of a CSV of ``n`` pairs with distinct LUMIR names (the fixed image against links
+    to the moving one, so each pair writes its own folder), in a fresh folder under the test's ``tmp_path``."""
+    fixed, moving = lumir_pair_files
+    made = [0]
+
+    def write(n: int) -> str:
+        made[0] += 1
+        folder = tmp_path / f"pairs{made[0]}"
+        folder.mkdir()
+        rows = []
+        for k in range(n):
+            name = folder / f"LUMIRMRI_{3600 + k}_0000.nii.gz"
+            os.symlink(moving, name)
+            rows.append(f"{fixed},{name}")
+        (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+        return str(folder / "pairs.csv")
+
+    return write

@@ -39,17 +39,6 @@ def _stub_of(server, model: str) -> int:
     raise AssertionError(f"no stub for {model}")
 
 
-def _pairs_csv(tmp_path, files, n) -> str:
-    fixed, moving = files
-    rows = []
-    for k in range(n):
-        name = tmp_path / f"LUMIRMRI_{3600 + k}_0000.nii.gz"
-        os.symlink(moving, name)
-        rows.append(f"{fixed},{name}")
-    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    return str(tmp_path / "pairs.csv")
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="found 2026-11-29: after a SIGKILL of the lumireg model's stub, tritonserver 2.51 (nvidia-pytriton "
@@ -57,7 +46,7 @@ def _pairs_csv(tmp_path, files, n) -> str:
     "the server must be restarted (the client's retries do not cover INTERNAL)",
 )
 def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_next_succeed(
-    own_server, pair, lumir_pair_files, tmp_path, capsys
+    own_server, pair, pairs_csv, tmp_path, capsys
 ):
     burst(own_server.grpc_url, 1, pair, 300)  # warm
     outcome = []
@@ -77,7 +66,7 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_next_succe
     assert own_server.running()
     # a batch whose pair was in flight at the kill: failed pairs are listed, no partial files; a rerun completes
     out = tmp_path / "out"
-    command = ["register", "--pairs", _pairs_csv(tmp_path, lumir_pair_files, 2), "-o", str(out)]
+    command = ["register", "--pairs", pairs_csv(2), "-o", str(out)]
     command += ["--url", own_server.grpc_url, "--outputs", "displacement", "--concurrency", "1"]
     killer = threading.Timer(0.5, lambda: os.kill(_stub_of(own_server, "lumireg"), signal.SIGKILL))
     killer.start()
@@ -93,9 +82,7 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_next_succe
     assert not list(out.rglob(".partial-*"))
 
 
-def test_a_full_disk_fails_the_pair_cleanly_and_keeps_finished_pairs(
-    server, lumir_pair_files, tmp_path, monkeypatch, capsys
-):
+def test_a_full_disk_fails_the_pair_cleanly_and_keeps_finished_pairs(server, pairs_csv, tmp_path, monkeypatch, capsys):
     # the shared server: this module's own one may have lost its stub to the test above (tritonserver 2.51)
     saved = []
     real_save = nib.save
@@ -110,7 +97,7 @@ def test_a_full_disk_fails_the_pair_cleanly_and_keeps_finished_pairs(
 
     monkeypatch.setattr(nib, "save", save_until_full)
     out = tmp_path / "out"
-    command = ["register", "--pairs", _pairs_csv(tmp_path, lumir_pair_files, 2), "-o", str(out)]
+    command = ["register", "--pairs", pairs_csv(2), "-o", str(out)]
     command += ["--url", server.grpc_url, "--outputs", "displacement", "--concurrency", "1"]
     assert main(command) == EXIT_FAILURE
     err = capsys.readouterr().err
