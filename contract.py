@@ -118,6 +118,12 @@ NETWORK_OUTPUT = ("velocity", "TYPE_FP32", (3, *HALF_CANVAS))  # half-resolution
 NETWORK_INPUT_NAMES = tuple(name for name, *_ in NETWORK_INPUTS)
 NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
 
+# --- where a server listens (lumireg serve's defaults, the Dockerfile, deploy/'s manifests) ------------------
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 8001, 8000, 8002  # gRPC (the client), HTTP (KServe v2, health), Prometheus
+HEALTH_LIVE_PATH = "/v2/health/live"  # HTTP 200 while the server process serves (liveness)
+HEALTH_READY_PATH = "/v2/health/ready"  # HTTP 200 once every model is loaded and ready (readiness, startup)
+METRICS_PATH = "/metrics"  # Prometheus text format on METRICS_PORT; Triton's nv_inference_* and lumireg's own
+
 # --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
 MAX_REFINE_STEPS = 200  # a request asking for more refinement steps gets INVALID_ARGUMENT
 

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         security=security,
         http_host=getattr(args, "http_host", None),
         metrics_host=getattr(args, "metrics_host", None),
+        tritonserver=getattr(args, "tritonserver", None),
+        extra_args=tuple(getattr(args, "triton_arg", None) or ()),
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     # Ctrl-C stops the server even when it was started with SIGINT ignored (a shell's background job)
@@ -129,6 +131,18 @@ def add_parser(sub) -> None:
         "--remote-shared-memory",
         action="store_true",
         help="beyond loopback, let remote callers use the shared-memory API too (default: local callers only)",
+    )
+    serve.add_argument(
+        "--tritonserver",
+        help="a Triton installation (bin/tritonserver, backends/) to run instead of nvidia-pytriton's, e.g. "
+        "/opt/tritonserver in NVIDIA's tritonserver image (onnxruntime and TensorRT backends)",
+    )
+    serve.add_argument(
+        "--triton-arg",
+        action="append",
+        metavar="FLAG",
+        help="one more tritonserver flag, after lumireg's (repeatable), e.g. "
+        "--triton-arg=--cuda-memory-pool-byte-size=0:2147483648",
     )
     serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
     serve.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (default: 0)")

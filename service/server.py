@@ -46,6 +46,12 @@ from lumireg.contract import (
     EXIT_FAILURE,
     EXIT_MISSING_DEPENDENCY,
     EXIT_USAGE,
+    GRPC_PORT,
+    HEALTH_LIVE_PATH,
+    HEALTH_READY_PATH,
+    HTTP_PORT,
+    METRICS_PATH,
+    METRICS_PORT,
     RESTRICTED_PROTOCOLS,
     SHARED_MEMORY_HEADER,
     check_access_key,
@@ -73,9 +79,9 @@ class ServerFailed(ServerError):
 
 @dataclass(frozen=True)
 class Ports:
-    grpc: int = 8001
-    http: int = 8000
-    metrics: int = 8002
+    grpc: int = GRPC_PORT
+    http: int = HTTP_PORT
+    metrics: int = METRICS_PORT
 
 
 LOOPBACK_HOST = "127.0.0.1"
@@ -208,6 +214,10 @@ class EmbeddedServer:
         verbose: tritonserver's ``--log-verbose`` level.
         security: TLS, access key, shared-memory policy (:class:`Security`).
         http_host, metrics_host: where HTTP and metrics listen; None: ``host`` when it is loopback, else 127.0.0.1.
+        tritonserver: a Triton installation to run instead of the nvidia-pytriton wheel's (``bin/tritonserver``
+            and ``backends/``: ``/opt/tritonserver`` in NVIDIA's container, which has the onnxruntime and
+            TensorRT backends too); None: the wheel's.
+        extra_args: more tritonserver flags, after lumireg's (``--cuda-memory-pool-byte-size=0:2147483648``).
     """
 
     def __init__(
@@ -220,7 +230,10 @@ class EmbeddedServer:
         security: Security = Security(),
         http_host: str | None = None,
         metrics_host: str | None = None,
+        tritonserver: str | Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ):
+        self.tritonserver, self.extra_args = tritonserver, tuple(extra_args)
         self.repository = Path(repository).resolve()
         self.host, self.ports, self.log, self.verbose = host, ports, log, verbose
         self.security = security
@@ -239,13 +252,15 @@ class EmbeddedServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.metrics_host}:{self.ports.metrics}/metrics"
+        return f"http://{self.metrics_host}:{self.ports.metrics}{METRICS_PATH}"
 
     def command(self, home: Path) -> list[str]:
+        # the wheel needs the stub for this Python put in place; a full Triton installation has its backends ready
+        backends = backend_directory(home) if (home / "python_backend_stubs").is_dir() else home / "backends"
         return [
             str(home / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
-            f"--backend-directory={backend_directory(home)}",
+            f"--backend-directory={backends}",
             # models load at start and never over the API: no caller can load, unload or swap a model
             "--model-control-mode=none",
             f"--grpc-address={self.host}",
@@ -260,6 +275,7 @@ class EmbeddedServer:
             "--exit-timeout-secs=10",
             f"--log-verbose={self.verbose}",
             *self._security_flags(),
+            *self.extra_args,
         ]
 
     def _security_flags(self) -> list[str]:
@@ -306,6 +322,15 @@ class EmbeddedServer:
             self._secret_file.unlink(missing_ok=True)
             self._secret_file = None
 
+    def _home(self) -> Path:
+        """The Triton installation to run: :attr:`tritonserver`, or the nvidia-pytriton wheel's."""
+        if self.tritonserver is None:
+            return tritonserver_home()
+        home = Path(self.tritonserver)
+        if not (home / "bin" / "tritonserver").is_file() or not (home / "backends").is_dir():
+            raise ServerMissing(f"--tritonserver {home}: no bin/tritonserver and backends/ there")
+        return home
+
     def start(self, timeout: float = 180.0) -> EmbeddedServer:
         """Start the server and wait until every model is ready; :class:`ServerError` if it cannot."""
         if not (self.repository / "lumireg").is_dir():
@@ -321,7 +346,7 @@ class EmbeddedServer:
                     f"{name} port {port} on {host} is already in use (another server running?); "
                     f"pick another with --{name.lower()}-port"
                 )
-        home = tritonserver_home()
+        home = self._home()
         self._write_shared_memory_secret()
         try:
             command = self.command(home)
@@ -354,7 +379,7 @@ class EmbeddedServer:
                 self.process = None
                 self._remove_shared_memory_secret()
                 raise ServerFailed(f"tritonserver exited with code {code} while starting{self._log_hint()}")
-            if self.ready():
+            if self.ready() and self._answers(self.metrics_url):  # Triton opens metrics just after health
                 return
             time.sleep(0.25)
         self.stop()
@@ -372,18 +397,22 @@ class EmbeddedServer:
         ]
         return f"; its errors ({self.log}):\n" + "\n".join((errors or lines)[-25:])
 
-    def _health(self, kind: str) -> bool:
+    @staticmethod
+    def _answers(url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/{kind}", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
+    def _health(self, path: str) -> bool:
+        return self._answers(f"{self.http_url}{path}")
+
     def live(self) -> bool:
-        return self._health("live")
+        return self._health(HEALTH_LIVE_PATH)
 
     def ready(self) -> bool:
-        return self._health("ready")
+        return self._health(HEALTH_READY_PATH)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

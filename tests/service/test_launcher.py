@@ -93,3 +93,18 @@ def test_serve_prints_its_endpoint_and_stops_cleanly(server, stop, code):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_another_triton_installation_runs_with_its_own_backends_and_extra_flags(tmp_path):
+    from lumireg.service.server import ServerMissing, tritonserver_home
+
+    with pytest.raises(ServerMissing, match="no bin/tritonserver and backends/"):
+        EmbeddedServer(SOURCE_REPOSITORY, ports=free_ports(), tritonserver=tmp_path).start()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tritonserver").symlink_to(tritonserver_home() / "bin" / "tritonserver")
+    (tmp_path / "backends").mkdir()  # as in NVIDIA's image: no python_backend_stubs/ to install from
+    pool = "--cuda-memory-pool-byte-size=0:2147483648"
+    server = EmbeddedServer(SOURCE_REPOSITORY, tritonserver=tmp_path, extra_args=(pool,))
+    command = server.command(server._home())
+    assert command[0] == str(tmp_path / "bin" / "tritonserver")
+    assert f"--backend-directory={tmp_path / 'backends'}" in command and command[-1] == pool
