@@ -22,6 +22,7 @@ BENCHMARKS = {  # subcommand (= module) -> its line in `lumireg bench --help`
     "accuracy": "Dice / HD95 / NDV of lumireg vs no registration and ANTs SyN on held-out pairs",
     "refine": "cost of one refinement step and of requests with refine steps",
     "align": "cost and accuracy of the affine pre-alignment stage on brains in scanner pose",
+    "capacity": "latency against arrival rate for 1..N servers, simulated from the measured service time",
 }
 
 
@@ -49,7 +50,8 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
 
 def add_parser(sub) -> None:
-    """``lumireg bench service|load|kernels|accuracy|refine|align``; ``lumireg bench`` alone lists them (EXIT_USAGE)."""
+    """``lumireg bench service|load|kernels|accuracy|refine|align|capacity``; ``lumireg bench`` alone lists them
+    (EXIT_USAGE)."""
     bench = sub.add_parser(
         "bench",
         help="benchmarks: " + ", ".join(BENCHMARKS),

@@ -16,7 +16,8 @@
 #      then lumireg bench align: the affine pre-alignment's cost and corner error on 8 posed brains;
 #   5. the GPU serving path: the embedded server's tests (models on the GPU, post-processing in the
 #      Triton kernels on CUDA tensors), the client's tests, and `make serve`'s export;
-#   6. lumireg bench service (the sweep, B=1..8, C=1..8) and lumireg bench load (60 s at 20 requests/s).
+#   6. lumireg bench service (the sweep, B=1..8, C=1..8) and lumireg bench load (60 s at 20 requests/s);
+#   7. on 2+ GPUs: 1, 2 and 4 servers, one per GPU, behind one `lumireg register --url a,b,...` (pairs/s).
 # Steps 5-6 need nvidia-pytriton (and onnx, onnxruntime, tritonclient, nibabel, scipy, prometheus-client);
 # on a machine without a registry, put their wheels in ./wheels and carry that folder.
 # Logs and the benchmark JSON go to $OUT when set (the device tool fetches it),
@@ -31,6 +32,59 @@ mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 status=0
 step() { echo; echo "=== $* ==="; }
+
+# Step 7: N servers (N = 1, 2, 4, at most the GPUs here), server k on GPU k (CUDA_VISIBLE_DEVICES) and ports
+# 8001+10k (gRPC), 8000+10k (HTTP), 8002+10k (metrics); one `lumireg register --pairs` of SWEEP_PAIRS
+# (default 64) LUMIR pairs with --url listing them all and 4 requests in flight per server; prints pairs/s and
+# each server's requests from its metrics, into scaling.log and $OUT/scaling.csv.
+scaling_sweep() {
+    local gpus=$1 data n k pids urls rate counts
+    data=$(mktemp -d /tmp/lumireg-sweep.XXXX)
+    "$PY" - "$data" "${SWEEP_PAIRS:-64}" <<'PYEOF' || return 1
+import os, sys, nibabel as nib
+from lumireg.contract import intensities_to_uint8
+from lumireg.train.canvas import lumir_canvas
+from lumireg.train.synthetic import evaluation_seeds, synthetic_pair
+root, count = sys.argv[1], int(sys.argv[2])
+pair = synthetic_pair(evaluation_seeds(1)[0], labels=False)
+for name, key in (("LUMIRMRI_3455_0000.nii.gz", "fixed"), ("LUMIRMRI_3456_0000.nii.gz", "moving")):
+    nib.save(nib.Nifti1Image(intensities_to_uint8(pair[key].numpy())[0], lumir_canvas().affine), f"{root}/{name}")
+rows = []
+for k in range(count):  # distinct names, so each pair writes its own folder
+    os.symlink(f"{root}/LUMIRMRI_3456_0000.nii.gz", f"{root}/LUMIRMRI_{4000 + k}_0000.nii.gz")
+    rows.append(f"LUMIRMRI_3455_0000.nii.gz,LUMIRMRI_{4000 + k}_0000.nii.gz")
+open(f"{root}/pairs.csv", "w").write("\n".join(rows) + "\n")
+PYEOF
+    echo "servers,pairs,pairs_per_s,requests_per_server" > "${OUT:-$data}/scaling.csv"
+    for n in 1 2 4; do
+        [ "$n" -le "$gpus" ] || break
+        pids=(); urls=()
+        for ((k = 0; k < n; k++)); do
+            CUDA_VISIBLE_DEVICES=$k "$PY" -m lumireg serve --grpc-port $((8001 + 10 * k)) \
+                --http-port $((8000 + 10 * k)) --metrics-port $((8002 + 10 * k)) > "$data/serve$k.log" 2>&1 &
+            pids+=($!); urls+=("127.0.0.1:$((8001 + 10 * k))")
+        done
+        for ((k = 0; k < n; k++)); do  # ready: every model loaded (180 s at most)
+            "$PY" -c 'import sys, time, urllib.request as u
+for _ in range(360):
+    try: u.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/health/ready", timeout=2); sys.exit(0)
+    except OSError: time.sleep(0.5)
+sys.exit(1)' $((8000 + 10 * k)) || echo "server $k never became ready (log: $data/serve$k.log)"
+        done
+        "$PY" -m lumireg register --pairs "$data/pairs.csv" -o "$data/out$n" --outputs displacement \
+            --url "$(IFS=,; echo "${urls[*]}")" --transport grpc --concurrency $((4 * n)) | tee "$data/register$n.log"
+        rate=$(sed -n 's/.*(\([0-9.]*\) pairs\/s).*/\1/p' "$data/register$n.log")
+        counts=$(for ((k = 0; k < n; k++)); do "$PY" -c 'import sys, urllib.request as u
+from prometheus_client.parser import text_string_to_metric_families as parse
+text = u.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode()
+print(int(sum(s.value for f in parse(text) for s in f.samples
+              if s.name == "nv_inference_request_success_total" and s.labels.get("model") == "lumireg")))' \
+            $((8002 + 10 * k)); done | paste -sd/)
+        echo "$n server(s): $rate pairs/s; requests per server $counts"
+        echo "$n,${SWEEP_PAIRS:-64},$rate,$counts" >> "${OUT:-$data}/scaling.csv"
+        kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null
+    done
+}
 
 step "1. install" | tee "$LOGS/install.log"
 {
@@ -99,6 +153,12 @@ if "$PY" -c 'import pytriton, onnxruntime, tritonclient.grpc, nibabel, prometheu
     "$PY" -m lumireg bench service --out benchmarks/results 2>&1 | tee -a "$LOGS/service-bench.log" || status=1
     "$PY" -m lumireg bench load --rate 20 --duration 60 --out benchmarks/results 2>&1 \
         | tee -a "$LOGS/service-bench.log" || status=1
+
+    step "7. servers across GPUs: 1, 2, 4 lumireg serve (one GPU each) behind one lumireg register" \
+        | tee "$LOGS/scaling.log"
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    if [ "$gpus" -ge 2 ]; then scaling_sweep "$gpus" 2>&1 | tee -a "$LOGS/scaling.log" || status=1
+    else echo "skipped: $gpus GPU(s) here; the sweep needs 2 or more" | tee -a "$LOGS/scaling.log"; fi
     if [ -n "${OUT:-}" ]; then cp -r benchmarks/results "$OUT/results" 2>/dev/null || true; fi
 else
     echo "skipped: the serving stack does not import here (carry its wheels in ./wheels)" | tee -a "$LOGS/serving.log"

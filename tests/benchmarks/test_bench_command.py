@@ -17,6 +17,7 @@ OPTIONS = {  # every option each subcommand takes, and no other
     "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--refine-steps", "--out"},
     "refine": {"--device", "--steps", "--similarities", "--repeats", "--shape", "--out"},
     "align": {"--device", "--poses", "--modes", "--similarities", "--shape", "--out"},
+    "capacity": {"--replicas", "--device-dir", "--service", "--requests", "--seed"},
 }
 
 
