@@ -8,14 +8,14 @@ A discrete-event simulation of N lumireg servers behind one balancing client, fe
 - arrivals: Poisson at rate R requests/s (many independent senders), or evenly spaced (``lumireg bench load``);
 - routing: round robin over the replicas, as gRPC's ``round_robin`` does for one client;
 - each server, as the model's config has it (:mod:`lumireg.export.repository`): one instance; Triton's dynamic
-  batcher takes up to ``MAX_BATCH_SIZE`` waiting requests at once, and a batch of b costs b service times (no
-  gain from batching on a CPU: on the Xeon a batch of 4 took 4.4x one pair); a request that finds
-  ``MAX_QUEUE_SIZE`` waiting, or waits longer than ``QUEUE_TIMEOUT_US``, is refused (the client would retry it;
-  here it is counted as refused, not resent).
+  batcher takes up to ``MAX_BATCH_SIZE`` waiting requests at once, and a batch of b costs ``b ** e`` service
+  times, e fitted to the report's batch runs (:func:`service_time`; on the Xeon a batch of 4 took 4.4x one
+  pair), 1 when it has batch 1 only; a request that finds ``MAX_QUEUE_SIZE`` waiting, or waits longer than
+  ``QUEUE_TIMEOUT_US``, is refused (the client would retry it; here it is counted as refused, not resent).
 
-Latencies are seconds from send to answer of the requests served. The check: the simulated percentiles of the
+Latencies are seconds from send to answer of the requests served. The check: the simulated percentiles of each
 measured load test's own schedule (its rate and request count, evenly spaced, many repetitions: a median and a
-5..95 % band) against what that load test measured (``load.json`` in the same device folder).
+5..95 % band) against what that load test measured (every ``load*.json`` in the device folder).
 
 Results: ``capacity.json`` and ``capacity.png`` in the device folder (default: this machine's); ``--service``
 takes the service report from elsewhere (one measured beside the load test, under the same conditions).
@@ -41,18 +41,35 @@ SERVICE_RUN = {"transport": "grpc", "outputs": "displacement_fp16", "batch": 1, 
 
 def service_time(service_report: dict, match: dict = SERVICE_RUN) -> dict:
     """The lognormal of the first run of ``service_report`` whose fields equal ``match``: ``{"median_s",
-    "sigma", "mean_s", "run"}`` (sigma of the log, at least 0.01); ``ValueError`` when no run matches."""
+    "sigma", "mean_s", "batch_exponent", "run"}`` (sigma of the log, at least 0.01); ``ValueError`` when no run
+    matches. ``batch_exponent``: a batch of b costs ``b ** batch_exponent`` service times, fitted (least squares
+    in log-log, within 0.5..1.5) to the report's batch runs at concurrency 1; 1.0 when it has one batch size."""
     run = next((r for r in service_report["runs"] if all(r.get(k) == v for k, v in match.items())), None)
     if run is None:
         raise ValueError(f"no run with {match} in the service report")
     median = run["p50_ms"] / 1000
     sigma = max(0.01, math.log(max(run["p90_ms"], run["p50_ms"]) / run["p50_ms"]) / Z90)
-    return {"median_s": median, "sigma": sigma, "mean_s": median * math.exp(sigma**2 / 2), "run": run}
+    batches = {
+        r["batch"]: r["p50_ms"] for r in service_report["runs"] if r.get("kind") == "batch" and r["concurrency"] == 1
+    }
+    exponent = 1.0
+    if 1 in batches and len(batches) > 1:
+        x = np.log([b for b in batches if b > 1])
+        y = np.log([batches[b] / batches[1] for b in batches if b > 1])
+        exponent = float(np.clip((x @ y) / (x @ x), 0.5, 1.5))
+    return {
+        "median_s": median,
+        "sigma": sigma,
+        "mean_s": median * math.exp(sigma**2 / 2),
+        "batch_exponent": exponent,
+        "run": run,
+    }
 
 
-def simulate_server(arrivals: np.ndarray, times: np.ndarray) -> tuple[list[float], int]:
+def simulate_server(arrivals: np.ndarray, times: np.ndarray, batch_exponent: float = 1.0) -> tuple[list[float], int]:
     """One server: ``arrivals`` (s, ascending) and one service time per request (s) -> the latencies (s) of the
-    requests served, in serving order, and how many were refused (full queue, or queued beyond the timeout)."""
+    requests served, in serving order, and how many were refused (full queue, or queued beyond the timeout).
+    A batch of b costs its requests' mean service time times ``b ** batch_exponent``."""
     timeout = QUEUE_TIMEOUT_US / 1e6
     latencies, refused, waiting, free, i, n = [], 0, deque(), 0.0, 0, len(arrivals)
     while i < n or waiting:
@@ -64,7 +81,7 @@ def simulate_server(arrivals: np.ndarray, times: np.ndarray) -> tuple[list[float
             if not waiting:
                 continue
             batch = [waiting.popleft() for _ in range(min(MAX_BATCH_SIZE, len(waiting)))]
-            free = start + float(times[batch].sum())
+            free = start + float(times[batch].mean()) * len(batch) ** batch_exponent
             latencies += [free - arrivals[k] for k in batch]
         else:
             if len(waiting) >= MAX_QUEUE_SIZE:
@@ -83,7 +100,7 @@ def simulate(rate: float, replicas: int, service: dict, requests: int, rng, pois
     times = rng.lognormal(math.log(service["median_s"]), service["sigma"], requests)
     latencies, refused = [], 0
     for k in range(replicas):
-        served, lost = simulate_server(arrivals[k::replicas], times[k::replicas])
+        served, lost = simulate_server(arrivals[k::replicas], times[k::replicas], service.get("batch_exponent", 1.0))
         latencies += served
         refused += lost
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) if latencies else (math.nan,) * 3
@@ -128,8 +145,7 @@ def _plot(report: dict, path: Path) -> None:
         ax.plot(rates, [r["p50_s"] for r in rows], "-", color=color, label=f"{n} server{'s' * (n > 1)}: p50")
         ax.plot(rates, [r["p99_s"] for r in rows], "--", color=color, label=f"{n}: p99")
         refused.plot(rates, [100 * r["refused_fraction"] for r in rows], "-", color=color, label=f"{n}")
-    check = report.get("check")
-    if check:
+    for n, check in enumerate(report["checks"]):
         for q, marker in (("p50", "o"), ("p99", "s")):
             low, high = check["predicted_ms"][q]["band_5_95"]
             ax.errorbar(
@@ -143,7 +159,8 @@ def _plot(report: dict, path: Path) -> None:
                 ecolor="grey",
                 capsize=4,
             )
-            ax.plot(check["rate_per_s"], check["measured_ms"][q] / 1000, marker, color="red", label=f"load test {q}")
+            label = f"load test {q}, evenly spaced (grey: predicted 5..95 %)" if n == 0 else None
+            ax.plot(check["rate_per_s"], check["measured_ms"][q] / 1000, marker, color="red", label=label)
     service = report["service_time"]
     ax.set(
         xlabel="arrival rate (requests/s, Poisson)",
@@ -198,8 +215,9 @@ def run(args) -> int:
         for r in rates
         if r / n <= 1.1 / service["mean_s"]
     ]
-    load_path = folder / "load.json"
-    check = check_against_load(json.loads(load_path.read_text()), service, rng) if load_path.is_file() else None
+    checks = []
+    for path in sorted(folder.glob("load*.json")):
+        checks.append({"load_json": path.name, **check_against_load(json.loads(path.read_text()), service, rng)})
     report = {
         **header("capacity", source.get("device", folder.name)),
         "settings": {
@@ -215,7 +233,7 @@ def run(args) -> int:
         },
         "service_time": {k: v for k, v in service.items() if k != "run"},
         "curves": curves,
-        "check": check,
+        "checks": checks,
         "units": {"*_s": "seconds", "*_ms": "milliseconds", "rate_per_s": "requests per second"},
     }
     (folder / "capacity.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -225,7 +243,7 @@ def run(args) -> int:
         f"service time: median {service['median_s']:.2f} s, sigma {service['sigma']:.3f}: "
         f"{per_server:.3f} requests/s a server"
     )
-    if check:
+    for check in checks:
         for q in ("p50", "p90", "p99"):
             p = check["predicted_ms"][q]
             print(

@@ -72,6 +72,9 @@ def test_the_service_time_is_the_lognormal_through_the_runs_p50_and_p90():
     fit = service_time(report)
     assert fit["median_s"] == 4.0
     assert math.exp(math.log(4.0) + 1.2815515655446004 * fit["sigma"]) == pytest.approx(5.0)
+    assert fit["batch_exponent"] == 1.0  # one batch size: no batching gain assumed
+    report["runs"] += [{"kind": "batch", "concurrency": 1, "batch": b, "p50_ms": 1000.0 * b**0.8} for b in (1, 2, 4, 8)]
+    assert service_time(report)["batch_exponent"] == pytest.approx(0.8)
     with pytest.raises(ValueError, match="no run"):
         service_time({"runs": [{"transport": "shm"}]})
 
@@ -84,8 +87,9 @@ def test_capacity_writes_its_curves_and_the_check_against_the_load_test(tmp_path
     assert main(argv) == EXIT_OK
     report = json.loads((tmp_path / "capacity.json").read_text())
     assert {r["replicas"] for r in report["curves"]} == {1, 2} and (tmp_path / "capacity.png").is_file()
-    band = report["check"]["predicted_ms"]["p50"]["band_5_95"]
-    assert band[0] <= report["check"]["predicted_ms"]["p50"]["median"] <= band[1]
+    (check,) = report["checks"]
+    band = check["predicted_ms"]["p50"]["band_5_95"]
+    assert check["load_json"] == "load.json" and band[0] <= check["predicted_ms"]["p50"]["median"] <= band[1]
     assert "predicted" in capsys.readouterr().out
     assert main(["bench", "capacity", "--device-dir", str(tmp_path / "none")]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
