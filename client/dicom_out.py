@@ -7,9 +7,10 @@ Needs the ``dicom`` extra (pydicom, highdicom). Conventions:
   :func:`lumireg.client.dicom.read_series` sorted the fixed series (by position along the normal); slice k of
   the output takes slice k's Image Position (Patient) and the series' orientation and pixel spacing.
 - New UIDs (series, instances) come from ``uid_root``: by default :data:`UID_ROOT`, ``2.25.`` followed by the
-  decimal of a hash (ISO/IEC 9834-8's UUID-derived arc, which needs no registration); a hospital passes its own
-  root (``--uid-root``). They are derived from the source series' UIDs, the output's name and the weights, so
-  the same registration written twice gives the same UIDs: a PACS that receives it twice keeps one copy.
+  decimal of a name-based UUID (ISO/IEC 9834-8's UUID-derived arc, which needs no registration); a hospital
+  passes its own root (``--uid-root``). They are derived from the source series' UIDs, the output's name and the
+  weights, so the same registration written twice gives the same UIDs: a PACS that receives it twice keeps one
+  copy.
 - Patient attributes are copied from the fixed series, never made up; nothing is logged.
 - The displacement has no DICOM form here (no maintained library writes a Deformable Spatial Registration
   object correctly); it stays ``displacement.nii.gz`` beside the DICOM files.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import numpy as np
 from lumireg import __version__
 from lumireg.client.dicom import DicomSeries
 
-UID_ROOT = None  # pydicom: "2.25." + a hash of the sources (UUID-derived, no registration needed)
+UID_ROOT = None  # "2.25." + a name-based UUID of the sources (UUID-derived, no registration needed)
 SERIES_NUMBER = {"warped": 9001, "warped_labels": 9002}
 MANUFACTURER = "lumireg"
 PATIENT_STUDY = (  # copied from the fixed series as they are: Patient, General Study, Patient Study modules
@@ -65,9 +67,12 @@ MR_TYPE1 = {"ScanningSequence": "RM", "SequenceVariant": "NONE", "ImageType": No
 
 
 def new_uid(uid_root: str | None, *sources: str) -> str:
-    """A UID under ``uid_root`` (None: ``2.25.``) determined by ``sources`` (the same sources, the same UID)."""
+    """A UID determined by ``sources`` (the same sources, the same UID): under ``uid_root`` (pydicom's hash of the
+    sources), or with None ``2.25.`` and a name-based UUID (version 5) of the sources, as ISO/IEC 9834-8 asks."""
     from pydicom.uid import generate_uid
 
+    if uid_root is None:
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(str(s) for s in sources)).int}"
     return str(generate_uid(prefix=uid_root, entropy_srcs=[str(s) for s in sources]))
 
 

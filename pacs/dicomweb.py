@@ -53,5 +53,5 @@ class DicomWebPacs:
             answer = self.client.store_instances(datasets)
         except Exception as exc:
             raise DeliveryError(f"STOW-RS to {self.url}: {' '.join(str(exc).split())[:200]}") from exc
-        if "FailedSOPSequence" in answer:
+        if answer.get("FailedSOPSequence"):  # Orthanc answers an empty one when all were stored
             raise DeliveryError(f"STOW-RS to {self.url}: {len(answer.FailedSOPSequence)} instance(s) refused")

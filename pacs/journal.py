@@ -135,6 +135,10 @@ class Journal:
             moving,
         )
 
+    def due_now(self) -> None:
+        """Every unfinished registration is due at once (a node starting retries what it left)."""
+        self._query("update work set next_try = 0, attempts = 0 where state in ('pending', 'registered')")
+
     def state_of(self, moving: str) -> str | None:
         rows = self._query("select state from work where moving = ?", moving)
         return rows[0][0] if rows else None

@@ -91,6 +91,7 @@ class Node:
         self.settle_seconds, self.store_attempts = settle_seconds, store_attempts
         self.retry_seconds, self.resend_seconds, self.uid_root = retry_seconds, resend_seconds, uid_root
         self.metrics = metrics or Metrics()
+        self.journal.due_now()  # what a node before this one left unfinished is done first
 
     # --- arrivals ---
     def received(self, ds, path=None) -> None:
