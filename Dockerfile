@@ -27,6 +27,8 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s CMD curl -fs localhost:8000/v2/health/ready || exit 1
 # --model-control-mode=none: models load at start and never over the API (no remote load, unload or swap).
 # TLS and the access key (README, "Deploying in a hospital"): mount the certificates and the key file read-only and
-# add --grpc-use-ssl-mutual / --grpc-restricted-protocol as lumireg serve does, or run `lumireg serve` instead.
+# add --grpc-use-ssl-mutual / --grpc-restricted-protocol as lumireg serve does, or run `lumireg serve` instead, on
+# this image's Triton: `lumireg serve --tritonserver /opt/tritonserver --repository /opt/lumireg/models ...`, as
+# Kubernetes does (deploy/base/deployment.yaml).
 CMD ["tritonserver", "--model-repository=/opt/lumireg/models", "--model-control-mode=none", \
      "--cuda-memory-pool-byte-size=0:2147483648", "--allow-gpu-metrics=true"]

@@ -213,3 +213,12 @@ def test_the_cohort_job_registers_its_pairs_through_the_headless_service(rendere
     assert {str(Path(args.pairs).parent), "/etc/lumireg/tls", "/etc/lumireg/key"} <= mounts
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # a failed pod resumes in a new one
     assert shlex.join(container["command"]) == "lumireg register"
+
+
+def test_the_server_pods_run_the_images_user_and_model_repository(rendered):
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    pod = _one(rendered["base"], "Deployment")["spec"]["template"]["spec"]
+    args = build_parser().parse_args(["serve", *_container({"spec": {"template": {"spec": pod}}})["args"]])
+    assert f"--repository {args.repository}" in dockerfile  # where the image's build exports the models
+    assert f"USER {pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" in dockerfile
+    assert args.tritonserver == "/opt/tritonserver" and "FROM nvcr.io/nvidia/tritonserver:" in dockerfile
