@@ -153,6 +153,14 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
     from lumireg.client.registration import default_outputs
 
     outputs = requested or default_outputs(args.labels is not None, DEFAULT_OUTPUTS)
+    if args.output_format == "dicom":
+        from lumireg.client.dicom import is_dicom_source
+
+        if not is_dicom_source(args.fixed):  # refused before anything is sent
+            raise ValueError(
+                f"--output-format dicom needs a DICOM fixed series (its patient, study and frame of reference), "
+                f"got {args.fixed}"
+            )
     result = client.register(
         args.fixed,
         args.moving,

@@ -9,6 +9,8 @@ from pydicom import Dataset, dcmread
 from lumireg.pacs.attributes import SERIES_KEYS, attributes_of
 from lumireg.pacs.dimse import DeliveryError, save_instance
 
+COUNT = "NumberOfSeriesRelatedInstances"
+
 
 class DicomWebPacs:
     """The PACS at ``url`` (its DICOMweb root, e.g. ``http://pacs:8042/dicom-web``)."""
@@ -22,10 +24,14 @@ class DicomWebPacs:
     def find_series(self, **keys) -> list[dict]:
         """QIDO-RS ``/series`` with ``keys`` as filters: the series as attribute dicts."""
         try:
-            found = self.client.search_for_series(search_filters=keys, fields=list(SERIES_KEYS))
+            found = self.client.search_for_series(search_filters=keys, fields=[*SERIES_KEYS, COUNT])
         except Exception as exc:  # requests' errors: the server is down or answered an error
             raise DeliveryError(f"QIDO-RS at {self.url}: {' '.join(str(exc).split())[:200]}") from exc
-        return [attributes_of(Dataset.from_json(item)) for item in found]
+        series = []
+        for item in found:  # the instance count too: a series still growing is not settled
+            ds = Dataset.from_json(item)
+            series.append(attributes_of(ds) | {COUNT: str(ds.get(COUNT, "") or "")})
+        return series
 
     def instance_count(self, study: str, series: str) -> int:
         """How many instances the PACS holds of one series (QIDO-RS instances of it)."""

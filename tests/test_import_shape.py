@@ -30,6 +30,7 @@ EVERYTHING = {
     "service",
     "model_repository",
     "client",
+    "pacs",
     "benchmarks",
     "cli",
 }
@@ -58,7 +59,11 @@ ALLOWED = {
         "__init__",  # __version__ in the QC report
     },
     "model_repository": {"service", "kernels", "contract"},  # the python-backend entry files import service
-    "client": {"contract"},  # a PACS host has no torch: nothing else of lumireg
+    "client": {
+        "contract",
+        "__init__",  # __version__ in the Series Description and Software Versions of DICOM results
+    },  # a PACS host has no torch: nothing else of lumireg
+    "pacs": {"client", "contract"},  # the PACS node registers through the client, on a host without torch
     "benchmarks": EVERYTHING,
     "cli": EVERYTHING,
     "__main__": {"cli"},

@@ -298,3 +298,38 @@ def test_dicomweb_the_node_finds_fetches_and_stores_through_orthanc(orthanc, ser
     check_results(orthanc, study, expected, tmp_path, instances_expected=48)
     text = log.read_text()
     assert study["moving_uid"] in text and "Doe" not in text and "PAT-0042" not in text
+
+
+def test_register_cli_reads_dicom_and_writes_dicom_equal_to_the_nifti_path(server, small_pair, expected, tmp_path):
+    from lumireg.cli import main
+
+    study = write_study(tmp_path / "study", small_pair, "CLI")
+    out = tmp_path / "out"
+    command = ["register", str(study["fixed"]), str(study["moving"]), "--labels", str(study["seg"]), "-o", str(out)]
+    assert main([*command, "--output-format", "dicom", "--align", "none", "--url", server.grpc_url]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "qc.json", "warped", "warped_labels"]
+    fixed = read_series(study["fixed"])
+    warped = read_series(out / "warped")
+    np.testing.assert_allclose(warped.affine, fixed.affine, atol=1e-4)
+    np.testing.assert_array_equal(warped.data, np.rint(np.asarray(expected.warped.dataobj)))
+    labels, _, _ = read_segmentation(out / "warped_labels", fixed.affine, fixed.data.shape)
+    np.testing.assert_array_equal(labels, np.asarray(expected.warped_labels.dataobj))
+    first = sorted(p.name for p in (out / "warped").iterdir())
+    assert main([*command, "--output-format", "dicom", "--align", "none", "--url", server.grpc_url]) == 0
+    assert sorted(p.name for p in (out / "warped").iterdir()) == first  # the same registration, the same UIDs
+    nifti_fixed = main(
+        [
+            "register",
+            str(small_pair["fixed"]),
+            str(study["moving"]),
+            "-o",
+            str(tmp_path / "x"),
+            "--output-format",
+            "dicom",
+            "--url",
+            server.grpc_url,
+            "--align",
+            "none",
+        ]
+    )
+    assert nifti_fixed == 2  # DICOM output needs a DICOM fixed image
