@@ -30,5 +30,7 @@ HEALTHCHECK --interval=30s --timeout=5s CMD curl -fs localhost:8000/v2/health/re
 # add --grpc-use-ssl-mutual / --grpc-restricted-protocol as lumireg serve does, or run `lumireg serve` instead, on
 # this image's Triton: `lumireg serve --tritonserver /opt/tritonserver --repository /opt/lumireg/models ...`, as
 # Kubernetes does (deploy/base/deployment.yaml).
+# --grpc-http2-min-recv-ping-interval-without-data: lumireg's clients ping every 20 s while a request runs.
 CMD ["tritonserver", "--model-repository=/opt/lumireg/models", "--model-control-mode=none", \
-     "--cuda-memory-pool-byte-size=0:2147483648", "--allow-gpu-metrics=true"]
+     "--cuda-memory-pool-byte-size=0:2147483648", "--allow-gpu-metrics=true", \
+     "--grpc-http2-min-recv-ping-interval-without-data=10000"]

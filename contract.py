@@ -123,6 +123,11 @@ GRPC_PORT, HTTP_PORT, METRICS_PORT = 8001, 8000, 8002  # gRPC (the client), HTTP
 HEALTH_LIVE_PATH = "/v2/health/live"  # HTTP 200 while the server process serves (liveness)
 HEALTH_READY_PATH = "/v2/health/ready"  # HTTP 200 once every model is loaded and ready (readiness, startup)
 METRICS_PATH = "/metrics"  # Prometheus text format on METRICS_PORT; Triton's nv_inference_* and lumireg's own
+# gRPC keepalive while a request is in flight: the client pings every KEEPALIVE_MS and drops a connection whose
+# ping is not answered within KEEPALIVE_TIMEOUT_MS (a hung or unreachable server: its requests fail UNAVAILABLE and
+# are sent again, to another server when there are several); a server accepts a ping every MIN_PING_INTERVAL_MS
+# (Triton's default, 5 minutes, would answer the pings of a long request with GOAWAY)
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, MIN_PING_INTERVAL_MS = 20_000, 10_000, 10_000
 
 # --- request parameters (Triton request ``parameters``; lumireg register's options) -------------------------
 MAX_REFINE_STEPS = 200  # a request asking for more refinement steps gets INVALID_ARGUMENT

@@ -14,9 +14,11 @@ and :func:`channel_args` its ``channel_args``: the ``round_robin`` load-balancin
 per address; each call goes to the next *ready* one, so a server whose connection fails, or that never
 came up, is skipped until it reconnects), reconnection backoff of 1 s growing to at most
 :data:`MAX_RECONNECT_BACKOFF_MS` (gRPC's default grows to 120 s, which would keep a restarted server idle
-for minutes), and tritonclient's own defaults, which ``channel_args`` replaces (message size limits,
-keepalive). No scheduler of our own: requests in flight on a server that dies fail with ``UNAVAILABLE``
-and :meth:`lumireg.client.RegistrationClient.infer` sends them again, which gRPC routes to a ready server.
+for minutes), tritonclient's message size limits (``channel_args`` replaces its defaults), and keepalive pings
+while a request is in flight (:data:`lumireg.contract.KEEPALIVE_MS`), so a server that hangs or becomes
+unreachable with its connection open is dropped after at most 30 s. No scheduler of our own: requests in flight
+on a server that dies or hangs fail with ``UNAVAILABLE`` and :meth:`lumireg.client.RegistrationClient.infer`
+sends them again, which gRPC routes to a ready server.
 
 Shared memory needs the server's own host: only a single loopback server (:attr:`Endpoints.loopback`).
 """
@@ -28,6 +30,8 @@ import socket
 from dataclasses import dataclass
 
 import tritonclient.grpc as grpcclient
+
+from lumireg.contract import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")  # gRPC target URIs taken as they are
@@ -129,19 +133,19 @@ def channel_args(tls_name: str | None = None) -> list[tuple[str, object]]:
     ``tls_name``: the host name the servers' TLS certificates are checked against when the target is a list of
     addresses (``grpc.ssl_target_name_override``); None otherwise.
     """
-    keepalive = grpcclient.KeepAliveOptions()
     args = [
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
         ("grpc.min_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-        # tritonclient's defaults, which channel_args replaces
+        # tritonclient's message limits, which channel_args replaces
         ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
         ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
-        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        # pings while a request is in flight (none when idle), however long the server computes without answering
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if tls_name:
         args.append(("grpc.ssl_target_name_override", tls_name))

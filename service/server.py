@@ -52,6 +52,7 @@ from lumireg.contract import (
     HTTP_PORT,
     METRICS_PATH,
     METRICS_PORT,
+    MIN_PING_INTERVAL_MS,
     RESTRICTED_PROTOCOLS,
     SHARED_MEMORY_HEADER,
     check_access_key,
@@ -273,6 +274,8 @@ class EmbeddedServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
+            # the clients' keepalive pings during a long request are welcome (Triton's default would GOAWAY them)
+            f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}",
             f"--log-verbose={self.verbose}",
             *self._security_flags(),
             *self.extra_args,

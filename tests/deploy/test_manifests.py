@@ -37,6 +37,7 @@ from lumireg.contract import (  # noqa: E402
     HTTP_PORT,
     METRICS_PATH,
     METRICS_PORT,
+    MIN_PING_INTERVAL_MS,
     RESTRICTED_PROTOCOLS,
 )
 
@@ -186,6 +187,7 @@ def test_the_kserve_server_restricts_calls_as_lumireg_serve_does(rendered):
     expected = f"{','.join(RESTRICTED_PROTOCOLS)}:{ACCESS_KEY_HEADER}=$(LUMIREG_ACCESS_KEY)"
     assert options["grpc-restricted-protocol"] == options["http-restricted-api"] == expected
     assert {e["name"] for e in model["env"]} >= {"LUMIREG_ACCESS_KEY"}
+    assert options["grpc-http2-min-recv-ping-interval-without-data"] == str(MIN_PING_INTERVAL_MS)  # the clients ping
 
 
 def test_the_autoscaler_uses_the_adapters_metric_of_the_servers_queue(rendered, server):

@@ -1,5 +1,6 @@
 """Many servers behind one client (``--url a,b,c``): a batch spreads over all of them, a server SIGKILLed with a
-request in flight is left out and that request is sent again elsewhere, and a restarted server takes work again.
+request in flight is left out and that request is sent again elsewhere, a restarted server takes work again, and a
+hung one (SIGSTOP, its connection open) is dropped by the client's keepalive and its request sent elsewhere.
 Each server's share is its own count on its metrics endpoint (``nv_inference_request_success`` of ``lumireg``).
 Three embedded servers on loopback ports, started once for the module; small batches of displacement-only pairs."""
 
@@ -96,11 +97,11 @@ def _written(out) -> list[str]:
 def test_a_batch_spreads_over_every_server(servers, pairs_csv, attempts, tmp_path):
     out = tmp_path / "out"
     before = [_succeeded(s) for s in servers]
-    assert main(_batch(servers, pairs_csv(6), out) + ["--concurrency", "3"]) == EXIT_OK
-    assert len(_written(out)) == 6
-    counts = _counts_after(servers, before, 6)
-    assert sum(counts) == 6 and all(c >= 1 for c in counts), counts  # each pair once, every server a share
-    assert attempts == ["ok"] * 6
+    assert main(_batch(servers, pairs_csv(4), out) + ["--concurrency", "3"]) == EXIT_OK
+    assert len(_written(out)) == 4
+    counts = _counts_after(servers, before, 4)
+    assert sum(counts) == 4 and all(c >= 1 for c in counts), counts  # each pair once, every server a share
+    assert attempts == ["ok"] * 4
 
 
 def test_a_server_killed_mid_request_is_left_out_and_its_pair_is_sent_elsewhere(
@@ -157,3 +158,31 @@ def test_a_restarted_server_takes_work_again(servers, pair, attempts, tmp_path):
                 break
     assert taken >= 1
     assert set(attempts) == {"ok"}
+
+
+def test_a_hung_server_is_dropped_by_keepalive_and_its_pair_sent_elsewhere(
+    servers, pairs_csv, attempts, tmp_path, capsys
+):
+    victim = servers[1]
+    out, codes = tmp_path / "out", []
+    entry, network = _succeeded(victim), _succeeded(victim, NETWORK_MODEL)
+    command = _batch(servers, pairs_csv(3), out) + ["--concurrency", "3", "--retry-seconds", "120"]
+    worker = threading.Thread(target=lambda: codes.append(main(command)))
+    worker.start()
+    stopped = False
+    try:
+        deadline = time.monotonic() + 300
+        while worker.is_alive() and time.monotonic() < deadline and not stopped:
+            if _succeeded(victim, NETWORK_MODEL) - network > _succeeded(victim) - entry:
+                os.killpg(victim.process.pid, signal.SIGSTOP)  # hung: its connection stays open, nothing answers
+                stopped = True
+            time.sleep(0.05)
+        assert stopped, "the victim never had a request in flight"
+        worker.join(300)  # keepalive: no answer to a ping within 10 s, at most 20 s after the last one
+    finally:
+        if stopped:
+            os.killpg(victim.process.pid, signal.SIGCONT)
+        worker.join(300)
+    assert codes == [EXIT_OK], capsys.readouterr().err
+    assert len(_written(out)) == 3 and attempts.count("ok") == 3
+    assert "StatusCode.UNAVAILABLE" in attempts, attempts  # the hung server's request failed and was sent again
