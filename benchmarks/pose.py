@@ -34,6 +34,7 @@ VOXEL_MM = (1.0, 1.0, 1.3)
 FIELD_OF_VIEW_MM = (200.0, 240.0, 200.0)
 SCANNER_MAXIMUM = 1000.0  # the posed image's intensity range 0..1000, float32 (not a LUMIR uint8 image)
 POSE_SEED = 14  # the seed of pair k's pose is POSE_SEED + k
+SYN_MARGIN = 48  # voxels: how far beyond the scanner's field of view SyN's world map is sampled
 
 
 def fixed_affine() -> np.ndarray:
@@ -170,10 +171,16 @@ def register_syn(pair: dict) -> tuple[np.ndarray, np.ndarray]:
         transforms = ants.registration(fixed, moving, type_of_transform="SyN")["fwdtransforms"]
         warped = ants.apply_transforms(fixed, labels, transforms, interpolator="nearestNeighbor").numpy()
         affine = pair["moving"].affine
-        grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in pair["moving"].shape], indexing="ij")
+        # the moving grid grown by SYN_MARGIN voxels each side: the coordinate maps must also cover the fixed voxels
+        # that map just outside the scanner's field of view (a head the field of view cuts), or they read 0 there
+        grid = np.meshgrid(
+            *[np.arange(-SYN_MARGIN, n + SYN_MARGIN, dtype=np.float64) for n in pair["moving"].shape], indexing="ij"
+        )
+        direction, spacing = np.asarray(moving.direction), np.asarray(moving.spacing)
+        origin = np.asarray(moving.origin) - direction @ (spacing * SYN_MARGIN)
         world = []
-        for axis in range(3):  # a linear function of the voxel index, warped linearly: exact inside the moving grid
-            coordinate = sum(affine[axis, k] * grid[k] for k in range(3)) + affine[axis, 3]
-            image = moving.new_image_like(coordinate.astype(np.float32))
+        for axis in range(3):  # a linear function of the voxel index, warped linearly: exact inside the grown grid
+            coordinate = (sum(affine[axis, k] * grid[k] for k in range(3)) + affine[axis, 3]).astype(np.float32)
+            image = ants.from_numpy(coordinate, origin=tuple(origin), spacing=tuple(spacing), direction=direction)
             world.append(ants.apply_transforms(fixed, image, transforms, interpolator="linear").numpy())
     return np.rint(warped).astype(np.int32), _world_map(np.stack(world))
