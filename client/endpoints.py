@@ -144,6 +144,7 @@ def channel_args(tls_name: str | None = None) -> list[tuple[str, object]]:
         # pings while a request is in flight (none when idle), however long the server computes without answering
         ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # gRPC >= 1.5x waits this (default 60 s) for the ack
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
     ]

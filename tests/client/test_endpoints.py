@@ -6,7 +6,7 @@ import pytest
 from lumireg.cli import main
 from lumireg.client import RegistrationClient
 from lumireg.client.endpoints import MAX_RECONNECT_BACKOFF_MS, channel_args, parse
-from lumireg.contract import EXIT_USAGE, KEEPALIVE_MS, MIN_PING_INTERVAL_MS
+from lumireg.contract import EXIT_USAGE, KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, MIN_PING_INTERVAL_MS
 
 
 def test_one_server_is_passed_on_as_given_and_may_use_shared_memory():
@@ -54,6 +54,7 @@ def test_channel_arguments_balance_reconnect_soon_and_keep_tritonclients_limits(
     assert args["grpc.max_reconnect_backoff_ms"] == MAX_RECONNECT_BACKOFF_MS
     assert args["grpc.max_receive_message_length"] >= 2**31 - 1  # an 82 MB field must come back
     assert args["grpc.keepalive_time_ms"] == KEEPALIVE_MS and args["grpc.http2.max_pings_without_data"] == 0
+    assert args["grpc.keepalive_timeout_ms"] == args["grpc.http2.ping_timeout_ms"] == KEEPALIVE_TIMEOUT_MS
     assert KEEPALIVE_MS >= MIN_PING_INTERVAL_MS  # the server (lumireg serve) accepts the pings
     assert "grpc.ssl_target_name_override" not in args
     assert dict(channel_args("lumireg.example"))["grpc.ssl_target_name_override"] == "lumireg.example"
