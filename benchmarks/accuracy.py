@@ -129,7 +129,7 @@ def _register_lumireg(fixed: np.ndarray, moving: np.ndarray, model, request: dic
     from lumireg.service.pipeline import transform
 
     pair = [torch.from_numpy(intensities_to_uint8(image))[None, None] for image in (fixed, moving)]
-    return transform(_network(model), *pair, **request, steps=model.config.steps)[0][0].detach().numpy()
+    return transform(_network(model), *pair, **request, steps=model.config.steps).displacement[0].detach().numpy()
 
 
 def _register_posed(method: str, pair: dict, model, request: dict | None) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +51,23 @@ class StageTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
+class Transform(NamedTuple):
+    """:func:`transform`'s result for a batch of B pairs.
+
+    Attributes:
+        displacement: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the fixed grid (the whole transform).
+        velocities: the passes' ``(B, 3, D/2, H/2, W/2)`` velocities, for :func:`postprocess`'s inverse.
+        refinement: the refinement's report per pair; None when ``refine`` was 0.
+        alignment: the alignment's report per pair (:func:`lumireg.network.align.estimate`; its matrix makes the
+            inverse, its fields go into the QC report); None when ``align`` was ``"none"``.
+    """
+
+    displacement: torch.Tensor
+    velocities: list
+    refinement: list[dict] | None
+    alignment: list[dict] | None
+
+
 def transform(
     network,
     fixed: torch.Tensor,
@@ -62,8 +80,7 @@ def transform(
     contrast: str = "same",
     steps: int = INTEGRATION_STEPS,
     timer: StageTimer | None = None,
-    alignment: list | None = None,
-) -> tuple[torch.Tensor, list, list[dict] | None]:
+) -> Transform:
     """The network's transform of a batch: ``passes`` passes, composed, the last one refined ``refine`` steps.
 
     Args:
@@ -80,13 +97,9 @@ def transform(
             moving image mapped to the fixed image's contrast (:func:`match_contrast`).
         timer: collects seconds in ``network`` (the network's calls), ``refine``, ``align`` and ``integrate``
             (the rest).
-        alignment: a list that receives the alignment's report per pair (with ``align`` not ``"none"``), for
-            :func:`postprocess`: its matrix makes the inverse and its fields go into the QC report.
 
     Returns:
-        ``(displacement, velocities, refinement)``: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the
-        fixed grid, on ``fixed``'s device; the passes' velocities, for :func:`postprocess`; the
-        refinement's report per pair (None when ``refine`` is 0).
+        A :class:`Transform` on ``fixed``'s device.
     """
     timer = timer or StageTimer()
     device = fixed.device
@@ -102,13 +115,11 @@ def transform(
         reports.extend(report)
         return velocity
 
-    matrix = None
+    matrix, aligned = None, None
     if align != "none":
         with timer.stage("align", device):
             matrix, aligned = estimate_alignment(fixed, moving, align, similarity)
             moving = resample_aligned(moving, matrix)
-        if alignment is not None:
-            alignment.extend(aligned)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
     if contrast == "other":
         moving = match_contrast(timed_network, fixed, moving, steps)
@@ -121,7 +132,7 @@ def transform(
         torch.cuda.synchronize(device)
     inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
     timer.add("integrate", time.perf_counter() - start - inside)
-    return displacement, velocities, reports or None
+    return Transform(displacement, velocities, reports or None, aligned)
 
 
 def match_contrast(network, fixed: torch.Tensor, moving: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
@@ -273,8 +284,7 @@ def register_in_process(
         return None if array is None else torch.as_tensor(array, device=target)
 
     fixed, moving = as_tensor(fixed), as_tensor(moving)
-    alignment: list[dict] = []
-    displacement, velocities, refinement = transform(
+    found = transform(
         network,
         fixed,
         moving,
@@ -285,17 +295,16 @@ def register_in_process(
         align=align,
         steps=steps,
         timer=timer,
-        alignment=alignment,
     )
     return postprocess(
-        displacement,
-        velocities,
+        found.displacement,
+        found.velocities,
         fixed,
         moving,
         wanted,
         moving_labels=as_tensor(moving_labels),
-        refinement=refinement,
-        alignment=alignment or None,
+        refinement=found.refinement,
+        alignment=found.alignment,
         steps=steps,
         model=model,
         timer=timer,

@@ -159,23 +159,20 @@ class TritonPythonModel:
             groups.setdefault(tuple(sorted(request[5].items())), []).append(request)
         for key, group in sorted(groups.items()):
             fixed, moving = torch.cat([a[1] for a in group]), torch.cat([a[2] for a in group])
-            alignment = []  # one report per pair when the group asked for alignment
-            displacement, velocities, refinement = transform(
-                self._velocity, fixed, moving, **dict(key), steps=self.steps, timer=timer, alignment=alignment
-            )
+            found = transform(self._velocity, fixed, moving, **dict(key), steps=self.steps, timer=timer)
             row = 0
             for index, fixed, moving, labels, wanted, _ in group:
                 rows = slice(row, row + fixed.shape[0])
                 row = rows.stop
                 out = postprocess(
-                    displacement[rows],
-                    [v[rows] for v in velocities],
+                    found.displacement[rows],
+                    [v[rows] for v in found.velocities],
                     fixed,
                     moving,
                     wanted,
                     moving_labels=labels,
-                    refinement=refinement and refinement[rows],
-                    alignment=alignment[rows] or None,
+                    refinement=found.refinement and found.refinement[rows],
+                    alignment=found.alignment and found.alignment[rows],
                     steps=self.steps,
                     model=self.weights,
                     timer=timer,
