@@ -59,9 +59,11 @@ from lumireg.evaluate import (
 
 REFINE_STEPS = 20  # the refinement methods' default steps (--refine-steps)
 # each lumireg method is a set of request parameters (lumireg.contract.PARAMETERS) the service would get;
-# lumireg: the network alone (the service's default); the refine steps are filled in from --refine-steps
+# lumireg: the service's default (a coarse pass, then one full-resolution pass); lumireg-1pass: the full-resolution pass
+# alone (coarse=0); the refine steps are filled in from --refine-steps
 REQUESTS = {
     "lumireg": {"passes": 1},
+    "lumireg-1pass": {"passes": 1, "coarse": 0},
     "lumireg-2passes": {"passes": 2},
     "lumireg-refine": {"passes": 1, "similarity": "ncc"},
     "lumireg-refine-mi": {"passes": 1, "similarity": "mi"},

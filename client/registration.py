@@ -377,6 +377,7 @@ class RegistrationClient:
         precision: str = "float16",
         field_format: str = "lumir",
         passes: int | None = None,
+        coarse: int | None = None,
         refine: int | None = None,
         similarity: str | None = None,
         contrast: str | None = None,
@@ -399,6 +400,8 @@ class RegistrationClient:
                 ``"float32"`` for the displacement fields.
             field_format: ``"lumir"``, or ``"itk"`` to also get ``displacement_itk``.
             passes: network passes (request parameter ``passes``, 1..4); None: the server's default.
+            coarse: 1 for a half-resolution network pass first, 0 for none (request parameter ``coarse``);
+                None: the server's default.
             refine: instance optimisation steps on the server (request parameter ``refine``,
                 0..:data:`~lumireg.contract.MAX_REFINE_STEPS`); None: the server's default.
             similarity: refinement's similarity, ``"ncc"`` (same contrast) or ``"mi"``
@@ -420,7 +423,14 @@ class RegistrationClient:
             refused (its message included). ServerUnavailable: no server.
         """
         start = time.perf_counter()
-        given = {"passes": passes, "refine": refine, "similarity": similarity, "contrast": contrast, "align": align}
+        given = {
+            "passes": passes,
+            "coarse": coarse,
+            "refine": refine,
+            "similarity": similarity,
+            "contrast": contrast,
+            "align": align,
+        }
         given = {name: value for name, value in given.items() if value is not None}
         # checked here so a bad value fails before any image is read; only the given ones are sent
         parameters = {name: request_parameters(given)[name] for name in given} or None

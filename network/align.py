@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from lumireg.contract import CANVAS_SPACING_MM
 from lumireg.kernels import local_ncc, mutual_information, warp
+from lumireg.network.cascade import resample_like
 
 MODES = ("none", "rigid", "affine")
 SIMILARITIES = ("ncc", "mi")
@@ -343,11 +344,7 @@ def estimate(
 def resample(moving: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``moving`` pulled through ``matrix`` (``(B, 4, 4)`` voxels) onto the fixed grid, trilinear, zero outside,
     in ``moving``'s dtype (integers rounded and clipped to their range)."""
-    warped = warp(moving.float(), affine_displacement(matrix, moving.shape[2:]))
-    if moving.dtype.is_floating_point:
-        return warped.to(moving.dtype)
-    info = torch.iinfo(moving.dtype)
-    return warped.round_().clamp_(info.min, info.max).to(moving.dtype)
+    return resample_like(moving, affine_displacement(matrix, moving.shape[2:]))
 
 
 def compose_with(matrix: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:

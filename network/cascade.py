@@ -1,5 +1,10 @@
 """Recursive application of the network: register, warp, register the warped pair again, compose.
 
+A coarse pass (:func:`coarse_pass`) may come first: the same network on
+the pair at half resolution, for the large, smooth part of the motion that
+one full-resolution pass does not reach (the network's capture range, in
+voxels, doubles in millimetres).
+
 Pass k sees the fixed image and the moving image warped by passes 1..k-1,
 and predicts a velocity ``v_k`` for what is left. With ``phi_k(x) = x + u_k(x)``,
 ``u_k`` the integral of ``v_k``, the whole transform is the composition
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from lumireg.contract import INTEGRATION_STEPS
 from lumireg.kernels import warp
@@ -33,13 +39,55 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return inner + warp(outer, inner, padding="border")
 
 
+def _in_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float ``values`` in ``dtype``: integers rounded and clipped to their range."""
+    if dtype.is_floating_point:
+        return values.to(dtype)
+    info = torch.iinfo(dtype)
+    return values.round_().clamp_(info.min, info.max).to(dtype)
+
+
 def resample_like(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """``moving`` warped by ``displacement``, in ``moving``'s dtype (integers rounded and clipped to their range)."""
-    warped = warp(moving.float(), displacement)
-    if moving.dtype.is_floating_point:
-        return warped.to(moving.dtype)
-    info = torch.iinfo(moving.dtype)
-    return warped.round_().clamp_(info.min, info.max).to(moving.dtype)
+    return _in_dtype(warp(moving.float(), displacement), moving.dtype)
+
+
+def _halved(image: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` -> ``(B, 1, D/2, H/2, W/2)``: means of 2x2x2 blocks, in ``image``'s dtype."""
+    return _in_dtype(F.avg_pool3d(image.float(), 2), image.dtype)
+
+
+def coarse_pass(
+    network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``network`` applied to the pair at half resolution, as a pass of the full-resolution pair.
+
+    Both images are halved (means of 2x2x2 blocks) and set in the middle of a zero volume of their own shape, so
+    the network runs on the shape it was exported for (the canvas; the zeros are background, as around a brain);
+    the velocity it finds for the middle, in units of 4 voxels on a grid of 4-voxel steps, is resampled onto the
+    half-resolution grid of the full pair (trilinear, block centres matched: ``align_corners=False``) and scaled
+    to its units (2 voxels). On a CPU this pass costs a full pass; on the canvas, D, H, W are multiples of 16.
+
+    Returns:
+        ``(fixed, moving) -> velocity`` like ``network``: ``(B, 3, D/2, H/2, W/2)`` half-resolution voxels.
+    """
+
+    def run(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        shape = fixed.shape[2:]
+        if any(n % 8 for n in shape):
+            raise ValueError(f"a coarse pass needs D, H, W divisible by 8, got {tuple(shape)}")
+        inner = [slice(n // 4, n // 4 + n // 2) for n in shape]  # where the halved pair sits
+
+        def framed(image):
+            out = torch.zeros_like(image)
+            out[(..., *inner)] = _halved(image)
+            return out
+
+        velocity = network(framed(fixed), framed(moving)).float()
+        middle = velocity[(..., *[slice(n // 8, n // 8 + n // 4) for n in shape])]
+        return 2 * F.interpolate(middle, size=tuple(n // 2 for n in shape), mode="trilinear", align_corners=False)
+
+    return run
 
 
 def cascade(
@@ -49,6 +97,7 @@ def cascade(
     passes: int,
     steps: int = INTEGRATION_STEPS,
     refine_last: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    coarse: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``network`` ``passes`` times, each on the moving image warped by the passes before it.
 
@@ -56,23 +105,25 @@ def cascade(
         network: ``(fixed, moving) -> velocity`` (``(B, 3, D/2, H/2, W/2)``, half-resolution voxels),
             taking images of ``fixed``'s dtype (uint8 for the served graph, 0..1 floats for :class:`LumiNet`).
         fixed, moving: ``(B, 1, D, H, W)``, one device and dtype.
-        passes: >= 1; 1 is the network alone.
+        passes: >= 1 full-resolution passes; 1 is the network alone.
         steps: scaling-and-squaring steps.
         refine_last: ``(fixed, moving_seen, velocity) -> velocity``, applied to the last pass's
             velocity (``moving_seen``: the moving image that pass saw), e.g. :func:`lumireg.network.refine.refine`.
+        coarse: 0, or 1 for a :func:`coarse_pass` before the full-resolution passes.
 
     Returns:
         ``(displacement, velocities)``: the composed ``(B, 3, D, H, W)`` float32
-        pull-back displacement (voxels) and the ``passes`` velocities in order
+        pull-back displacement (voxels) and the ``coarse + passes`` velocities in order
         (for :func:`cascade_inverse`).
     """
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
+    if passes < 1 or coarse not in (0, 1):
+        raise ValueError(f"passes must be >= 1 and coarse 0 or 1, got {passes} and {coarse}")
     displacement, velocities = None, []
-    for index in range(passes):
+    schedule = [coarse_pass(network)] * coarse + [network] * passes
+    for index, run in enumerate(schedule):
         seen = moving if displacement is None else resample_like(moving, displacement)
-        velocity = network(fixed, seen).float()
-        if refine_last is not None and index == passes - 1:
+        velocity = run(fixed, seen).float()
+        if refine_last is not None and index == len(schedule) - 1:
             velocity = refine_last(fixed, seen, velocity)
         velocities.append(velocity)
         step = velocity_to_displacement(velocity, steps)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lumireg.contract import CHECKPOINT_FILE, DEFAULT_PASSES, INTEGRATION_STEPS, OUTPUT_NAMES
+from lumireg.contract import CHECKPOINT_FILE, DEFAULT_COARSE, DEFAULT_PASSES, INTEGRATION_STEPS, OUTPUT_NAMES
 from lumireg.kernels import warp
 from lumireg.network.align import compose_inverse, compose_with
 from lumireg.network.align import estimate as estimate_alignment
@@ -60,12 +60,14 @@ class Transform(NamedTuple):
         refinement: the refinement's report per pair; None when ``refine`` was 0.
         alignment: the alignment's report per pair (:func:`lumireg.network.align.estimate`; its matrix makes the
             inverse, its fields go into the QC report); None when ``align`` was ``"none"``.
+        coarse: how many of ``velocities`` (the first) are coarse passes.
     """
 
     displacement: torch.Tensor
     velocities: list
     refinement: list[dict] | None
     alignment: list[dict] | None
+    coarse: int = 0
 
 
 def transform(
@@ -74,6 +76,7 @@ def transform(
     moving: torch.Tensor,
     passes: int = 1,
     *,
+    coarse: int = 0,
     refine: int = 0,
     similarity: str = "ncc",
     align: str = "none",
@@ -87,7 +90,8 @@ def transform(
         network: ``(fixed, moving) -> velocity`` on uint8 ``(B, 1, D, H, W)`` tensors (the BLS call
             to ``lumireg_network``, or :func:`network_runner`); returns ``(B, 3, D/2, H/2, W/2)``.
         fixed, moving: ``uint8 (B, 1, D, H, W)``, one device.
-        passes: network passes (1 = the network alone; :func:`lumireg.network.cascade.cascade`).
+        passes: full-resolution network passes (:func:`lumireg.network.cascade.cascade`).
+        coarse: 1 for a pass on the pair at half resolution first (:func:`lumireg.network.cascade.coarse_pass`).
         refine: instance optimisation steps on the last pass's velocity (:func:`lumireg.network.refine.refine`).
         similarity: refinement's similarity, ``"ncc"`` or ``"mi"``; the alignment's too (local NCC or MI).
         align: ``"none"``, or ``"rigid"`` / ``"affine"``: the moving image is first aligned to the fixed one
@@ -124,7 +128,7 @@ def transform(
     if contrast == "other":
         moving = match_contrast(timed_network, fixed, moving, steps)
     displacement, velocities = cascade(
-        timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None
+        timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None, coarse=coarse
     )
     if matrix is not None:
         displacement = compose_with(matrix, displacement)
@@ -132,7 +136,7 @@ def transform(
         torch.cuda.synchronize(device)
     inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
     timer.add("integrate", time.perf_counter() - start - inside)
-    return Transform(displacement, velocities, reports or None, aligned)
+    return Transform(displacement, velocities, reports or None, aligned, coarse)
 
 
 def match_contrast(network, fixed: torch.Tensor, moving: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
@@ -158,6 +162,7 @@ def postprocess(
     moving_labels: torch.Tensor | None = None,
     refinement: list[dict] | None = None,
     alignment: list[dict] | None = None,
+    coarse: int = 0,
     steps: int = INTEGRATION_STEPS,
     model: str = "lumireg",
     timer: StageTimer | None = None,
@@ -173,6 +178,7 @@ def postprocess(
         refinement: :func:`transform`'s refinement reports for these pairs, for the QC report (None: none ran).
         alignment: :func:`transform`'s alignment reports for these pairs (None: none ran): their matrices make
             the inverse (the affine's inverse, then the passes'), their fields go into the QC report.
+        coarse: how many of ``velocities`` are coarse passes (:attr:`Transform.coarse`), for the QC report.
         steps: scaling-and-squaring steps (the network's).
         model: the weights' name for the QC report.
         timer: collects seconds per stage (``integrate``, ``warp``, ``qc``).
@@ -209,7 +215,10 @@ def postprocess(
         out["displacement_fp16"] = displacement.half()
     if "qc" in wanted:
         with timer.stage("qc", device):
-            reports = quality_report(fixed, moving, warped, displacement, model, len(velocities), refinement=refinement)
+            passes = len(velocities) - coarse
+            reports = quality_report(
+                fixed, moving, warped, displacement, model, passes, coarse=coarse, refinement=refinement
+            )
             if alignment:
                 reports = [with_alignment(report, a) for report, a in zip(reports, alignment)]
             out["qc"] = [json.dumps(report) for report in reports]
@@ -258,6 +267,7 @@ def register_in_process(
     wanted,
     *,
     passes: int = DEFAULT_PASSES,
+    coarse: int = DEFAULT_COARSE,
     refine: int = 0,
     similarity: str = "ncc",
     contrast: str = "same",
@@ -273,7 +283,7 @@ def register_in_process(
     Args:
         network: ``(fixed, moving) -> velocity`` on uint8 tensors (:func:`network_runner`).
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
-        passes, refine, similarity, align, contrast: the request parameters of those names.
+        passes, coarse, refine, similarity, align, contrast: the request parameters of those names.
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
         device: where the post-processing runs.
     """
@@ -289,6 +299,7 @@ def register_in_process(
         fixed,
         moving,
         passes,
+        coarse=coarse,
         refine=refine,
         similarity=similarity,
         contrast=contrast,
@@ -305,6 +316,7 @@ def register_in_process(
         moving_labels=as_tensor(moving_labels),
         refinement=found.refinement,
         alignment=found.alignment,
+        coarse=found.coarse,
         steps=steps,
         model=model,
         timer=timer,

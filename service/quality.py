@@ -42,6 +42,7 @@ def quality_report(
     model: str,
     passes: int = 1,
     *,
+    coarse: int = 0,
     refinement: list[dict] | None = None,
 ) -> list[dict]:
     """One QC dict per pair.
@@ -60,7 +61,8 @@ def quality_report(
     :data:`MI_BINS` bins and width :data:`MI_SIGMA` of the 0..1 intensities, at
     full resolution over the voxels where the fixed image is nonzero, the
     brain; the warped image taken at its nearest 8-bit level); ``passes``
-    (network passes composed); ``refinement`` (the refinement's own record for
+    (full-resolution network passes composed) and ``coarse`` (half-resolution
+    passes before them); ``refinement`` (the refinement's own record for
     the pair, as given, or None); ``warnings`` (``{"code", "message"}`` from
     :data:`lumireg.contract.QC_WARNINGS`: ``similarity_decreased`` when the
     brain MI fell by more than :data:`MI_DROP` of its value before,
@@ -76,7 +78,7 @@ def quality_report(
         fixed, moving, warped: ``(B, 1, D, H, W)`` on one device, any real dtype (0..255).
         displacement: ``(B, 3, D, H, W)`` voxels.
         model: the name of the weights, reported as is.
-        passes: the network passes that made ``displacement``, reported as is.
+        passes, coarse: the full-resolution and the coarse network passes that made ``displacement``, as is.
         refinement: one dict per pair from the instance optimisation (``steps``, ``similarity``
             ``"ncc"`` | ``"mi"``, ``before``, ``after``, ``converged``), or None when it did not run.
     """
@@ -91,7 +93,8 @@ def quality_report(
     reports = []
     for i, (ndv, jacobian_min, measures) in enumerate(zip(ndvs, minima, similarities)):
         record = None if refinement is None else dict(refinement[i])
-        report = {"ndv_percent": ndv, "jacobian_min": jacobian_min, **measures, "passes": passes, "refinement": record}
+        report = {"ndv_percent": ndv, "jacobian_min": jacobian_min, **measures, "passes": passes, "coarse": coarse}
+        report["refinement"] = record
         reports.append(report | {"warnings": warnings(report), "model": model, "version": __version__})
     return reports
 

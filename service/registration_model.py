@@ -173,6 +173,7 @@ class TritonPythonModel:
                     moving_labels=labels,
                     refinement=found.refinement and found.refinement[rows],
                     alignment=found.alignment and found.alignment[rows],
+                    coarse=found.coarse,
                     steps=self.steps,
                     model=self.weights,
                     timer=timer,

@@ -17,7 +17,7 @@ if TRITON_DEVICE == "cpu":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lumireg.contract import DEFAULT_PASSES, intensities_to_uint8  # noqa: E402
+from lumireg.contract import DEFAULT_COARSE, DEFAULT_PASSES, intensities_to_uint8  # noqa: E402
 from lumireg.export.repository import SOURCE_REPOSITORY  # noqa: E402
 from lumireg.kernels import _dispatch  # noqa: E402
 from lumireg.service.runner import ensure_exported  # noqa: E402
@@ -83,9 +83,9 @@ def pair():
     }
 
 
-def _in_process(pair, passes: int) -> dict:
-    """The bundled network in PyTorch on the test pair, ``passes`` passes as the server runs them (uint8 between
-    passes): forward and inverse displacement, float32."""
+def _in_process(pair, passes: int, coarse: int = DEFAULT_COARSE) -> dict:
+    """The bundled network in PyTorch on the test pair, ``passes`` passes after ``coarse`` coarse ones, as the
+    server runs them (uint8 between passes): forward and inverse displacement, float32."""
     from lumireg.export.onnx import VelocityGraph
     from lumireg.network.cascade import cascade, cascade_inverse
     from lumireg.network.checkpoint import load_model
@@ -93,7 +93,7 @@ def _in_process(pair, passes: int) -> dict:
     model = load_model()
     fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
     with torch.no_grad():
-        forward, velocities = cascade(VelocityGraph(model), fixed, moving, passes)
+        forward, velocities = cascade(VelocityGraph(model), fixed, moving, passes, coarse=coarse)
         return {"displacement": forward.numpy(), "inverse_displacement": cascade_inverse(velocities).numpy()}
 
 
@@ -101,6 +101,12 @@ def _in_process(pair, passes: int) -> dict:
 def in_process(pair):
     """What the server answers by default (``passes`` at its default), computed in process."""
     return _in_process(pair, DEFAULT_PASSES)
+
+
+@pytest.fixture(scope="session")
+def in_process_one_pass(pair):
+    """One full-resolution network pass, no coarse pass: swapping the images gives exactly its inverse."""
+    return _in_process(pair, 1, coarse=0)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lumireg.kernels import warp
-from lumireg.network.cascade import cascade, cascade_inverse, compose
+from lumireg.network.cascade import cascade, cascade_inverse, coarse_pass, compose
 from lumireg.network.model import velocity_to_displacement
 from lumireg.train.synthetic import gaussian_blur
 
@@ -75,3 +75,77 @@ def test_inverse_undoes_the_cascade(passes):
 def test_passes_below_one_are_refused():
     with pytest.raises(ValueError, match="passes"):
         cascade(lambda f, m: None, torch.zeros(1, 1, *SHAPE), torch.zeros(1, 1, *SHAPE), 0)
+
+
+COARSE_SHAPE = (16, 24, 32)  # divisible by 8, as a coarse pass needs
+
+
+def test_coarse_pass_shows_the_network_the_halved_pair_framed_in_zeros():
+    seen = []
+
+    def network(fixed, moving):
+        seen.append((fixed.clone(), moving.clone()))
+        return torch.zeros(1, 3, *(n // 2 for n in COARSE_SHAPE))
+
+    fixed = torch.randint(0, 256, (1, 1, *COARSE_SHAPE), dtype=torch.uint8)
+    moving = torch.randint(0, 256, (1, 1, *COARSE_SHAPE), dtype=torch.uint8)
+    coarse_pass(network)(fixed, moving)
+    (shown_fixed, shown_moving), middle = seen[0], tuple(slice(n // 4, 3 * n // 4) for n in COARSE_SHAPE)
+    for shown, image in ((shown_fixed, fixed), (shown_moving, moving)):
+        assert shown.dtype == torch.uint8 and shown.shape == image.shape
+        halved = torch.nn.functional.avg_pool3d(image.float(), 2).round()
+        assert torch.equal(shown[(..., *middle)].float(), halved)
+        frame = shown.clone()
+        frame[(..., *middle)] = 0
+        assert not frame.any()  # zeros around the halved image
+
+
+def test_coarse_pass_velocity_is_the_middle_doubled_in_full_resolution_units():
+    half = tuple(n // 2 for n in COARSE_SHAPE)
+    constant = torch.tensor([0.5, -1.0, 0.25]).view(1, 3, 1, 1, 1)
+    ramp = torch.arange(half[0], dtype=torch.float32).view(1, 1, -1, 1, 1)  # varies along axis 0
+
+    def network(fixed, moving):
+        return (constant + 0 * ramp).expand(1, 3, *half) + torch.cat([ramp, 0 * ramp, 0 * ramp], 1)
+
+    image = torch.zeros(1, 1, *COARSE_SHAPE)
+    velocity = coarse_pass(network)(image, image)
+    assert velocity.shape == (1, 3, *half)
+    # channels 1 and 2: a constant velocity of c coarse half-resolution voxels is 2c full half-resolution voxels
+    torch.testing.assert_close(velocity[:, 1:], (2 * constant[:, 1:]).expand(1, 2, *half))
+    # channel 0 adds the network's ramp over the middle (indices n/8 .. 3n/8), stretched over the whole grid
+    middle = ramp[0, 0, half[0] // 4 : 3 * half[0] // 4, 0, 0]
+    assert torch.allclose(velocity[0, 0, :, 0, 0].min(), 2 * (constant[0, 0, 0, 0, 0] + middle.min()), atol=0.6)
+    assert torch.allclose(velocity[0, 0, :, 0, 0].max(), 2 * (constant[0, 0, 0, 0, 0] + middle.max()), atol=0.6)
+
+
+def test_a_coarse_pass_comes_first_and_the_cascade_stays_invertible():
+    half = tuple(n // 2 for n in COARSE_SHAPE)
+    velocities = iter(_smooth(3, 0.5, 30 + k, half).float() for k in range(3))
+    calls = []
+
+    def network(fixed, moving):
+        calls.append(fixed.shape)
+        return next(velocities)
+
+    image = torch.zeros(1, 1, *COARSE_SHAPE)
+    displacement, used = cascade(network, image, image, 2, coarse=1)
+    assert len(used) == 3 and len(calls) == 3 and all(v.shape == (1, 3, *half) for v in used)
+    inverse = cascade_inverse(used)
+    interior = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    assert compose(displacement, inverse)[interior].abs().max() < 0.05 * displacement.abs().max()
+    with pytest.raises(ValueError, match="coarse"):
+        cascade(network, image, image, 1, coarse=2)
+
+
+def test_a_coarse_pass_brings_the_bundled_network_closer_on_a_held_out_pair(network, pair):
+    from lumireg.kernels import local_ncc
+
+    fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
+    similarity = {}
+    with torch.no_grad():
+        for coarse in (0, 1):
+            displacement, _ = cascade(network, fixed, moving, 1, coarse=coarse)
+            warped = warp(moving.float() / 255, displacement)
+            similarity[coarse] = float(local_ncc(fixed.float() / 255, warped).mean())
+    assert similarity[1] > similarity[0]

@@ -22,6 +22,7 @@ KEYS = {
     "mi_before",
     "mi_after",
     "passes",
+    "coarse",
     "refinement",
     "warnings",
     "model",

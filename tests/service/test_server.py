@@ -10,7 +10,7 @@ from tritonclient.utils import InferenceServerException
 
 from lumireg.benchmarks.serving import scrape, total
 from lumireg.client.transport import payload_inputs
-from lumireg.contract import DEFAULT_PASSES, OUTPUT_NAMES
+from lumireg.contract import DEFAULT_COARSE, DEFAULT_PASSES, OUTPUT_NAMES
 from lumireg.evaluate.metrics import as_channels_last, jacobian_determinant, ndv_percent
 from lumireg.kernels import warp
 from lumireg.network.refine import LEARNING_RATE
@@ -67,13 +67,14 @@ def test_qc_report_matches_the_evaluator(full, pair):
         "mi_before",
         "mi_after",
         "passes",
+        "coarse",
         "refinement",
         "warnings",
         "model",
         "version",
     }
     assert qc["warnings"] == [] and qc["refinement"] is None and qc["mi_after"] > qc["mi_before"]
-    assert qc["passes"] == DEFAULT_PASSES
+    assert qc["passes"] == DEFAULT_PASSES and qc["coarse"] == DEFAULT_COARSE
     field = as_channels_last(full.as_numpy("displacement")[0])
     assert qc["ndv_percent"] == pytest.approx(ndv_percent(field, pair["moving"][0, 0]), abs=1e-9)
     assert qc["jacobian_min"] == pytest.approx(float(jacobian_determinant(field).min()), rel=1e-9)
@@ -91,11 +92,11 @@ def test_no_outputs_named_gives_all_that_can_be_made(client, pair):
     assert returned(result) == set(OUTPUT_NAMES) - {"warped_labels"}
 
 
-def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process):
-    """Two pairs in one request, and two requests in flight (the dynamic batcher may merge them); one pass,
-    where swapping the images gives exactly the inverse."""
-    assert DEFAULT_PASSES == 1  # in_process is then the one-pass reference
-    one_pass = {"passes": 1}
+def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_process_one_pass):
+    """Two pairs in one request, and two requests in flight (the dynamic batcher may merge them); one pass and
+    no coarse pass, where swapping the images gives exactly the inverse."""
+    in_process = in_process_one_pass
+    one_pass = {"passes": 1, "coarse": 0}
     swapped = {
         "fixed": np.concatenate([pair["fixed"], pair["moving"]]),
         "moving": np.concatenate([pair["moving"], pair["fixed"]]),
@@ -132,7 +133,10 @@ def test_batched_and_concurrent_requests_keep_their_pairs(client, pair, in_proce
 
 def test_passes_parameter_chooses_the_cascade(client, pair, in_process_two_passes, in_process):
     cascade = infer(client, ["displacement", "qc"], {"passes": 2}, fixed=pair["fixed"], moving=pair["moving"])
-    assert np.abs(cascade.as_numpy("displacement") - in_process_two_passes["displacement"]).max() <= 1e-3
+    # between passes the moving image is resampled to uint8: where ONNX and PyTorch (1e-5 apart) round a voxel to
+    # neighbouring levels, the next pass sees a one-level difference, so a cascade drifts more than one pass
+    difference = np.abs(cascade.as_numpy("displacement") - in_process_two_passes["displacement"])
+    assert np.median(difference) <= 1e-4 and difference.max() <= 1e-2
     assert json.loads(cascade.as_numpy("qc")[0, 0])["passes"] == 2
     assert np.abs(in_process_two_passes["displacement"] - in_process["displacement"]).max() > 0.1  # passes matter
 
@@ -163,7 +167,12 @@ def _in_process_refined(pair, steps: int) -> np.ndarray:
     fixed, moving = (torch.from_numpy(pair[k]) for k in ("fixed", "moving"))
     with torch.no_grad():
         return cascade(
-            VelocityGraph(load_model()), fixed, moving, 1, refine_last=lambda f, m, v: refine(v, f, m, steps)[0]
+            VelocityGraph(load_model()),
+            fixed,
+            moving,
+            1,
+            refine_last=lambda f, m, v: refine(v, f, m, steps)[0],
+            coarse=DEFAULT_COARSE,
         )[0].numpy()
 
 
