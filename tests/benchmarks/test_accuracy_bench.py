@@ -26,6 +26,7 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
     assert [sorted(entries["methods"]) for entries in sets.values()] == [
         [
             "lumireg",
+            "lumireg-1pass",
             "lumireg-2passes",
             "lumireg-contrast",
             "lumireg-contrast-refine-mi",
@@ -56,11 +57,12 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
         assert summary["none"] < 0.01 * summary["syn"], (set_name, summary)
     assert sum(timed) < _process_age(), (sum(timed), _process_age())
     # an untrained network starts at the identity: it scores as no registration does
-    for method in ("lumireg", "lumireg-2passes"):
+    for method in ("lumireg", "lumireg-1pass", "lumireg-2passes"):
         assert abs(table[method]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
     requests = {method: table[method]["request"] for method in table if method.startswith("lumireg")}
     given = {  # the rest at the contract's defaults
         "lumireg": {"passes": 1},
+        "lumireg-1pass": {"passes": 1, "coarse": 0},
         "lumireg-2passes": {"passes": 2},
         "lumireg-refine": {"refine": 3, "similarity": "ncc"},
         "lumireg-refine-mi": {"refine": 3, "similarity": "mi"},

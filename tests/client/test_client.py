@@ -87,7 +87,10 @@ def test_passes_reach_the_server(shm_client, lumir_files, in_process_two_passes)
     result = shm_client.register(fixed, moving, ("displacement", "qc"), precision="float32", passes=2)
     assert result.qc["passes"] == 2
     field = np.moveaxis(result.displacement.get_fdata(dtype=np.float32), -1, 0)
-    assert np.abs(field - in_process_two_passes["displacement"][0]).max() <= 1e-3
+    # a cascade rounds the moving image to uint8 between passes: ONNX and PyTorch (1e-5 apart) may round a voxel to
+    # neighbouring levels there, so a few voxels drift further than after one pass
+    difference = np.abs(field - in_process_two_passes["displacement"][0])
+    assert np.median(difference) <= 1e-4 and difference.max() <= 1e-2
     with pytest.raises(ValueError, match="passes"):
         shm_client.register(fixed, moving, ("displacement",), passes=0)
 
