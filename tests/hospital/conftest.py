@@ -1,8 +1,10 @@
-"""Fixtures of the hospital-grade tests: a throw-away CA, an access key, LUMIR-shaped image files, pairs files."""
+"""Fixtures of the hospital-grade tests: a throw-away CA, an access key, LUMIR-shaped image files, pairs files,
+the client's request attempts."""
 
 import os
 import secrets
 import sys
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # certificates.py beside this file (pytest runs in importlib mode)
 
 from certificates import make_certificates  # noqa: E402
+
+from lumireg.client.transport import GrpcTransport, SharedMemoryTransport  # noqa: E402
 
 LUMIR_NAMES = ("LUMIRMRI_3455_0000.nii.gz", "LUMIRMRI_3456_0000.nii.gz")
 
@@ -69,3 +73,27 @@ def pairs_csv(tmp_path, lumir_pair_files):
         return str(folder / "pairs.csv")
 
     return write
+
+
+@pytest.fixture
+def attempts(monkeypatch):
+    """Every request attempt the client makes (either transport), in order: ``"ok"`` or its gRPC status."""
+    seen, lock = [], threading.Lock()
+
+    def counting(real):
+        def counted(self, *args, **kwargs):
+            try:
+                answer = real(self, *args, **kwargs)
+            except Exception as exc:
+                with lock:
+                    seen.append(str(exc.status()) if hasattr(exc, "status") else type(exc).__name__)
+                raise
+            with lock:
+                seen.append("ok")
+            return answer
+
+        return counted
+
+    for transport in (GrpcTransport, SharedMemoryTransport):
+        monkeypatch.setattr(transport, "infer", counting(transport.infer))
+    return seen

@@ -2,7 +2,8 @@
 
 ``server_rss`` sums the resident memory of tritonserver and its python-backend stubs (its process group: the
 launcher starts it in a new session). ``burst`` sends ``n`` displacement-only requests at once, each from its own
-thread, and returns each one's outcome: ``"ok"`` or its gRPC status, and its seconds.
+thread, and returns each one's outcome: ``"ok"`` or its gRPC status, and its seconds. ``answered`` counts a
+server's successful requests (its metrics endpoint) and ``wait_in_flight`` waits until it is in the middle of one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from lumireg.benchmarks.serving import scrape, total
 from lumireg.client.transport import payload_inputs
 from lumireg.contract import ENTRY_MODEL, NETWORK_MODEL
 from lumireg.export.repository import SOURCE_REPOSITORY, write_repository
@@ -60,6 +63,26 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def answered(metrics_url: str, model: str = ENTRY_MODEL) -> int:
+    """Requests ``model`` has answered with success (``nv_inference_request_success`` on ``metrics_url``)."""
+    return int(total(scrape(metrics_url), "nv_inference_request_success_total", model=model))
+
+
+def wait_in_flight(metrics_url: str, going: Callable[[], bool], timeout: float = 300.0) -> int | None:
+    """Wait until the server at ``metrics_url`` is in the middle of a request: its network model has answered more
+    often than its entry model since the call (the entry model asks the network model, then integrates and
+    answers). Returns the entry model's answers since the call, or None if ``going()`` turned false or ``timeout``
+    seconds passed first. Polled every 0.05 s."""
+    entry, network = answered(metrics_url), answered(metrics_url, NETWORK_MODEL)
+    deadline = time.monotonic() + timeout
+    while going() and time.monotonic() < deadline:
+        done = answered(metrics_url) - entry
+        if answered(metrics_url, NETWORK_MODEL) - network > done:
+            return done
+        time.sleep(0.05)
+    return None
 
 
 def burst(url: str, n: int, pair: dict, timeout: float, credentials: dict | None = None) -> list[tuple[str, float]]:

@@ -1,5 +1,7 @@
-"""Faults survived: the python-backend stub SIGKILLed mid-request, the disk filling while results are written.
-(A server stopped and restarted during a batch: tests/client/test_client.py::test_batch_survives_a_server_restart.)"""
+"""Faults survived: the only server SIGKILLed with a request in flight during a batch and restarted on its ports
+(the request is lost, the client's shared-memory registrations with it: the client registers them again and sends
+the request again), the python-backend stub SIGKILLed mid-request, the disk filling while results are written.
+(A server stopped with SIGTERM and restarted: tests/client/test_client.py::test_batch_survives_a_server_restart.)"""
 
 import errno
 import os
@@ -9,9 +11,11 @@ import time
 
 import nibabel as nib
 import pytest
-from overload import burst
+from overload import burst, wait_in_flight
 
 from lumireg.cli import main
+from lumireg.client.registration import RETRY_STATUSES
+from lumireg.client.transport import SharedMemoryTransport
 from lumireg.contract import EXIT_FAILURE, EXIT_OK
 from lumireg.export.repository import SOURCE_REPOSITORY
 from lumireg.service.server import EmbeddedServer, free_ports
@@ -80,6 +84,46 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_next_succe
     assert code == EXIT_OK, capsys.readouterr().err
     assert len(list(out.glob("*/displacement.nii.gz"))) == 2
     assert not list(out.rglob(".partial-*"))
+
+
+def _client_regions() -> set[str]:
+    """This process's client shared-memory regions in /dev/shm (:class:`SharedMemoryTransport`'s names)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"lumireg_{os.getpid()}_")}
+
+
+def test_the_only_server_killed_mid_batch_and_restarted_the_batch_completes_over_shared_memory(
+    pairs_csv, attempts, tmp_path, monkeypatch, capsys
+):
+    resets = []
+    real_reset = SharedMemoryTransport.reset
+    monkeypatch.setattr(SharedMemoryTransport, "reset", lambda self, client: resets.append(real_reset(self, client)))
+    ports, log, out, codes = free_ports(), tmp_path / "server.log", tmp_path / "out", []
+    command = ["register", "--pairs", pairs_csv(3), "-o", str(out), "--url", f"127.0.0.1:{ports.grpc}"]
+    command += ["--outputs", "displacement", "--concurrency", "1", "--transport", "shm", "--retry-seconds", "120"]
+    server = EmbeddedServer(SOURCE_REPOSITORY, ports=ports, log=log).start()
+    worker = threading.Thread(target=lambda: codes.append(main(command)))
+    try:
+        worker.start()
+        deadline = time.monotonic() + 300  # the first pair done: the client's regions are registered
+        while not list(out.glob("*/displacement.nii.gz")) and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wait_in_flight(server.metrics_url, worker.is_alive) is not None, "no request in flight"
+        os.killpg(server.process.pid, signal.SIGKILL)  # the server and its python stubs, as a crash would
+        killed = time.monotonic()
+        server.stop()
+        server = EmbeddedServer(SOURCE_REPOSITORY, ports=ports, log=log).start()
+        print(f"restarted {time.monotonic() - killed:.1f} s after the SIGKILL")
+        worker.join(300)
+    finally:
+        server.stop()
+        worker.join(300)
+    assert codes == [EXIT_OK], capsys.readouterr().err
+    assert len(list(out.glob("*/displacement.nii.gz"))) == 3 and not list(out.rglob(".partial-*"))
+    assert attempts.count("ok") == 3, attempts  # no pair registered twice
+    failed = [a for a in attempts if a != "ok"]
+    assert failed and set(failed) <= RETRY_STATUSES, attempts  # the request in flight was lost and sent again
+    assert resets, "the client never registered its shared memory again"
+    assert not _client_regions()  # nothing left in /dev/shm by the client
 
 
 def test_a_full_disk_fails_the_pair_cleanly_and_keeps_finished_pairs(server, pairs_csv, tmp_path, monkeypatch, capsys):

@@ -11,13 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from overload import answered, wait_in_flight
 
-from lumireg.benchmarks.serving import scrape, total
 from lumireg.cli import main
 from lumireg.client import RegistrationClient
 from lumireg.client.registration import RETRY_STATUSES
-from lumireg.client.transport import GrpcTransport
-from lumireg.contract import ENTRY_MODEL, EXIT_OK, NETWORK_MODEL
+from lumireg.contract import EXIT_OK
 from lumireg.export.repository import SOURCE_REPOSITORY
 from lumireg.service.runner import ensure_exported
 from lumireg.service.server import EmbeddedServer, free_ports
@@ -50,8 +49,8 @@ def _url(servers) -> str:
     return ",".join(s.grpc_url for s in servers)
 
 
-def _succeeded(server, model: str = ENTRY_MODEL) -> int:
-    return int(total(scrape(server.metrics_url), "nv_inference_request_success_total", model=model))
+def _succeeded(server) -> int:
+    return answered(server.metrics_url)
 
 
 def _counts_after(servers, before: list[int], expected: int, timeout: float = 10.0) -> list[int]:
@@ -63,27 +62,6 @@ def _counts_after(servers, before: list[int], expected: int, timeout: float = 10
         if sum(counts) >= expected or time.monotonic() > deadline:
             return counts
         time.sleep(0.2)
-
-
-@pytest.fixture
-def attempts(monkeypatch):
-    """Every request attempt the client makes, in order: ``"ok"`` or its gRPC status."""
-    seen, lock = [], threading.Lock()
-    real = GrpcTransport.infer
-
-    def counted(self, *args, **kwargs):
-        try:
-            answer = real(self, *args, **kwargs)
-        except Exception as exc:
-            with lock:
-                seen.append(str(exc.status()) if hasattr(exc, "status") else type(exc).__name__)
-            raise
-        with lock:
-            seen.append("ok")
-        return answer
-
-    monkeypatch.setattr(GrpcTransport, "infer", counted)
-    return seen
 
 
 def _batch(servers, pairs_file: str, out) -> list[str]:
@@ -110,19 +88,12 @@ def test_a_server_killed_mid_request_is_left_out_and_its_pair_is_sent_elsewhere(
     victim, survivors = servers[0], servers[1:]
     out, codes = tmp_path / "out", []
     before = [_succeeded(s) for s in survivors]
-    entry, network = _succeeded(victim), _succeeded(victim, NETWORK_MODEL)
     command = _batch(servers, pairs_csv(4), out) + ["--concurrency", "3", "--retry-seconds", "120"]
     worker = threading.Thread(target=lambda: codes.append(main(command)))
     worker.start()
     try:
-        # the victim is in the middle of a request once its network model has answered more often than its
-        # entry model (the entry model asks the network model, then integrates and answers)
-        deadline, in_flight = time.monotonic() + 300, False
-        while worker.is_alive() and time.monotonic() < deadline and not in_flight:
-            done = _succeeded(victim) - entry
-            in_flight = _succeeded(victim, NETWORK_MODEL) - network > done
-            time.sleep(0.05)
-        assert in_flight, "the victim never had a request in flight"
+        done = wait_in_flight(victim.metrics_url, worker.is_alive)
+        assert done is not None, "the victim never had a request in flight"
         os.killpg(victim.process.pid, signal.SIGKILL)  # the server and its python stubs, as a crash would
         victim.stop()
     finally:
@@ -165,19 +136,14 @@ def test_a_hung_server_is_dropped_by_keepalive_and_its_pair_sent_elsewhere(
 ):
     victim = servers[1]
     out, codes = tmp_path / "out", []
-    entry, network = _succeeded(victim), _succeeded(victim, NETWORK_MODEL)
     command = _batch(servers, pairs_csv(3), out) + ["--concurrency", "3", "--retry-seconds", "120"]
     worker = threading.Thread(target=lambda: codes.append(main(command)))
     worker.start()
     stopped = False
     try:
-        deadline = time.monotonic() + 300
-        while worker.is_alive() and time.monotonic() < deadline and not stopped:
-            if _succeeded(victim, NETWORK_MODEL) - network > _succeeded(victim) - entry:
-                os.killpg(victim.process.pid, signal.SIGSTOP)  # hung: its connection stays open, nothing answers
-                stopped = True
-            time.sleep(0.05)
+        stopped = wait_in_flight(victim.metrics_url, worker.is_alive) is not None
         assert stopped, "the victim never had a request in flight"
+        os.killpg(victim.process.pid, signal.SIGSTOP)  # hung: its connection stays open, nothing answers
         worker.join(300)  # keepalive: no answer to a ping within 10 s, at most 20 s after the last one
     finally:
         if stopped:
