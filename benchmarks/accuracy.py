@@ -72,7 +72,7 @@ REQUESTS = {
 }
 METHODS = ("none", "syn", *REQUESTS)
 CANVAS_ONLY_SETS = {"pose"}  # scanner-pose copies of canvas pairs (lumireg.benchmarks.pose): no --shape
-METRICS = ("dice", "hd95", "ndv_percent", "sdlogj", "seconds")
+METRICS = ("dice", "hd95", "tre", "ndv_percent", "sdlogj", "seconds")
 SETS = {  # name -> where its pairs come from
     "synthetic": "held-out seeds of the training generator (lumireg.train.synthetic); 24 octant x tissue labels",
     "independent": "lumireg.benchmarks.independent_pairs (B-spline warps, tissue-mixture contrast, Rician noise; "
@@ -162,12 +162,20 @@ def _request(method: str, refine_steps: int) -> dict:
     return request_parameters(request)
 
 
-def score(disp: np.ndarray, sample: dict, labels: list[int], warped: np.ndarray | None = None) -> dict:
-    """LUMIR metrics of a ``(3, D, H, W)`` voxel pull-back ``disp`` on one pair (a :func:`pair_set` sample).
+def score(
+    disp: np.ndarray, sample: dict, labels: list[int], warped: np.ndarray | None = None, posed: dict | None = None
+) -> dict:
+    """LUMIR metrics of a ``(3, D, H, W)`` voxel pull-back ``disp`` on one pair (a :func:`pair_set` sample),
+    and the TRE at the template's landmarks (:func:`lumireg.benchmarks.landmarks.tre`).
 
     ``warped``: the moving labels already on the fixed grid (the pose set's methods warp them from the posed
     image themselves); None: the sample's moving labels warped through ``disp`` by nearest neighbour.
+    ``posed``: the pose-set pair ``disp`` maps into (:func:`lumireg.benchmarks.pose.posed_pair`; ``disp`` is then
+    world-anchored, and the TRE follows each mapped landmark back to the unposed moving image).
     """
+    from lumireg.benchmarks.landmarks import tre
+    from lumireg.benchmarks.pose import to_unposed
+
     field = as_channels_last(disp)
     fixed_labels = sample["fixed_labels"][0].numpy()
     moving_labels = sample["moving_labels"][0].numpy()
@@ -179,12 +187,17 @@ def score(disp: np.ndarray, sample: dict, labels: list[int], warped: np.ndarray 
         "hd95": float(np.nanmean(hd95(fixed_labels, warped, labels, moving_labels))),
         "ndv_percent": float(ndv_percent(field, mask)),
         "sdlogj": float(sdlogj(field, mask)),
+        "tre": tre(
+            disp, sample["fixed_landmarks"], sample["moving_landmarks"], None if posed is None else to_unposed(posed)
+        ),
     }
 
 
 def _summary(rows: list[dict]) -> dict:
     return {
-        m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows]))} for m in METRICS
+        m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows]))}
+        for m in METRICS
+        if all(m in r for r in rows)  # result files written before a metric existed lack it
     }
 
 
@@ -236,19 +249,28 @@ def _figure(shown: dict, path: Path) -> None:
 
 
 def _print_table(table: dict) -> None:
-    """One table, a section per set: ``table`` is ``{set: {"methods": {method: entry}}}``."""
+    """One table, a section per set: ``table`` is ``{set: {"methods": {method: entry}}}`` (a metric a result file
+    predates shows as ``-``)."""
+    columns = {"dice": ("Dice", 4), "hd95": ("HD95 vox", 4), "tre": ("TRE vox", 4), "ndv_percent": ("NDV %", 5)}
+    columns |= {"sdlogj": ("SDlogJ", 4)}
+
+    def cell(summary: dict, metric: str, places: int) -> str:
+        if metric not in summary:
+            return f"{'-':>{places + 11}}"
+        return f"{summary[metric]['mean']:>{places + 3}.{places}f}±{summary[metric]['std']:<{places + 3}.{places}f}"
+
     print(
-        f"{'set':<12} {'method':<15} {'pairs':>5} {'Dice':>15} {'HD95 vox':>15} {'NDV %':>17} {'SDlogJ':>15} "
-        f"{'s/pair':>8}"
+        f"{'set':<12} {'method':<27} {'pairs':>5} "
+        + " ".join(f"{title:>{places + 11}}" for title, places in columns.values())
+        + f" {'s/pair':>8}"
     )
     for set_name, entries in table.items():
         for method, entry in entries["methods"].items():
             s = entry["summary"]
             print(
-                f"{set_name:<12} {method:<15} {entry['pairs']:>5} "
-                + " ".join(f"{s[m]['mean']:>7.4f}±{s[m]['std']:<7.4f}" for m in ("dice", "hd95"))
-                + f" {s['ndv_percent']['mean']:>8.5f}±{s['ndv_percent']['std']:<8.5f}"
-                + f" {s['sdlogj']['mean']:>7.4f}±{s['sdlogj']['std']:<7.4f} {s['seconds']['mean']:>8.2f}"
+                f"{set_name:<12} {method:<27} {entry['pairs']:>5} "
+                + " ".join(cell(s, metric, places) for metric, (_, places) in columns.items())
+                + f" {s['seconds']['mean']:>8.2f}"
             )
 
 
@@ -268,25 +290,31 @@ def pair_set(name: str, pairs: int, shape: tuple[int, int, int] | None = None) -
 
     A loader returns a sample as ``lumireg.train.data`` defines it, as CPU
     tensors: ``"fixed"``, ``"moving"`` ``(1, D, H, W)`` float32 in 0..1;
-    ``"fixed_labels"``, ``"moving_labels"`` ``(1, D, H, W)`` int32; ``"seed"``.
+    ``"fixed_labels"``, ``"moving_labels"`` ``(1, D, H, W)`` int32; ``"seed"``;
+    and the template's landmarks in each image (:func:`lumireg.benchmarks.landmarks.pair_landmarks`):
+    ``"fixed_landmarks"``, ``"moving_landmarks"`` ``(N, 3)`` numpy voxel positions.
     ``shape``: ``(D, H, W)`` voxels, ``None`` for LUMIR's 160 x 224 x 192 at 1 mm.
     """
-    set_labels(name)  # refuses an unknown set
-    if name in ("synthetic", "pose"):
-        from lumireg.train.data import SyntheticPairs, evaluation_seeds
-
-        dataset = SyntheticPairs(evaluation_seeds(pairs), shape=shape, split="eval", labels=True)
-        return [lambda i=i: dataset[i] for i in range(pairs)]
     import torch
 
     from lumireg.benchmarks.independent_pairs import independent_pair
+    from lumireg.benchmarks.landmarks import pair_landmarks
+    from lumireg.train.data import evaluation_seeds, synthetic_pair
 
-    def load(index: int) -> dict:  # the generator is numpy-only; the harness and its figure take tensors
-        contrasts = ("t1", "t1") if name == "independent" else (("t1", "t2"), ("t2", "t1"))[index % 2]
-        return {
-            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-            for k, v in independent_pair(index, shape, contrasts=contrasts).items()
-        }
+    set_labels(name)  # refuses an unknown set
+
+    def load(index: int) -> dict:
+        if name in ("synthetic", "pose"):
+            sample = synthetic_pair(evaluation_seeds(pairs)[index], shape, fields=True)
+        else:
+            contrasts = ("t1", "t1") if name == "independent" else (("t1", "t2"), ("t2", "t1"))[index % 2]
+            # the generator is numpy-only; the harness and its figure take tensors
+            sample = {
+                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                for k, v in independent_pair(index, shape, fields=True, contrasts=contrasts).items()
+            }
+        fields = [sample.pop(f"{image}_disp").numpy() for image in ("fixed", "moving")]
+        return {**sample, **pair_landmarks(*fields)}
 
     return [lambda i=i: load(i) for i in range(pairs)]
 
@@ -342,7 +370,7 @@ def benchmark(
                 else:
                     disp = REGISTER[method](fixed, moving, model)
                 seconds = time.perf_counter() - started
-                scores = score(disp, sample, labels, warped)
+                scores = score(disp, sample, labels, warped, posed)
                 rows[method].append({"seed": int(sample["seed"]), **scores, "seconds": seconds})
                 if method == "lumireg" and set_name not in shown:
                     shown[set_name] = _shown(sample, disp, posed)
@@ -376,6 +404,7 @@ def benchmark(
     units = {
         "dice": "fraction, mean over the set's labels",
         "hd95": "voxels (1 mm at the default shape)",
+        "tre": "voxels (1 mm at the default shape): mean distance of the template's landmarks, mapped vs true",
         "ndv_percent": "% of moving mask",
         "sdlogj": "std of log Jacobian determinant",
         "seconds": "wall seconds per pair, this CPU",

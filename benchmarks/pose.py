@@ -92,6 +92,13 @@ def posed_pair(sample: dict, index: int) -> dict:
     return {"fixed": fixed, "moving": posed, "moving_labels": posed_labels, "world": world}
 
 
+def to_unposed(pair: dict) -> np.ndarray:
+    """``(4, 4)``: fixed-grid voxel coordinates of a world point in the posed image (what a world-anchored
+    displacement maps to, :func:`on_fixed_grid`) -> the canvas voxel of the unposed moving image showing it."""
+    canvas = fixed_affine()
+    return np.linalg.inv(canvas) @ np.linalg.inv(pair["world"]) @ canvas
+
+
 class InProcessClient(RegistrationClient):
     """:class:`RegistrationClient` whose requests the service's own computation answers in this process
     (:func:`lumireg.service.pipeline.register_in_process`), so a benchmark runs the client's whole path without a

@@ -238,7 +238,11 @@ def _corrupt(x, voxel_mm, generator, config: SyntheticConfig) -> torch.Tensor:
 
 
 def synthetic_pair(
-    seed: int, shape: Sequence[int] | None = None, config: SyntheticConfig | None = None, labels: bool = True
+    seed: int,
+    shape: Sequence[int] | None = None,
+    config: SyntheticConfig | None = None,
+    labels: bool = True,
+    fields: bool = False,
 ) -> dict:
     """Generate synthetic pair ``seed``; the same seed always gives the same pair.
 
@@ -249,13 +253,15 @@ def synthetic_pair(
             size ``CANVAS / shape`` mm) and scales the fields to match.
         config: augmentation and deformation settings (default :class:`SyntheticConfig`).
         labels: also warp the label maps (nearest); skip them to save ~30 % when training.
+        fields: also return each image's true displacement from the canvas (benchmarks score TRE with it).
 
     Returns:
         ``{"fixed", "moving"}``: ``(1, D, H, W)`` float32 in 0..1, multiples of
         1/255 (LUMIR's uint8 intensities / 255); ``{"fixed_labels",
         "moving_labels"}``: ``(1, D, H, W)`` int32, values in
         :data:`lumireg.train.canvas.LABELS` (0 background), if ``labels``;
-        ``"seed"``: the int seed.
+        ``"seed"``: the int seed; if ``fields``, ``{"fixed_disp", "moving_disp"}``: ``(3, D, H, W)``
+        float32 voxel pull-back displacements, ``fixed(x) ~ canvas(x + fixed_disp(x))`` (before the corruption).
     """
     config = config or SyntheticConfig()
     shape = tuple(int(n) for n in (shape or CANVAS))
@@ -279,6 +285,8 @@ def synthetic_pair(
         if labels:
             # labels held as float32 take grid_sample's float32 path; integer maps would go through float64
             sample[f"{name}_labels"] = warp(label_map, disp, mode="nearest")[0].to(torch.int32)
+        if fields:
+            sample[f"{name}_disp"] = disp[0]
     sample["seed"] = int(seed)
     return sample
 

@@ -56,9 +56,14 @@ def test_accuracy_benchmark_scores_every_method_and_writes_table_and_figure(accu
         summary = {method: entry["summary"]["seconds"]["mean"] for method, entry in entries["methods"].items()}
         assert summary["none"] < 0.01 * summary["syn"], (set_name, summary)
     assert sum(timed) < _process_age(), (sum(timed), _process_age())
-    # an untrained network starts at the identity: it scores as no registration does
+    # an untrained network starts at the identity: it scores as no registration does, TRE included
     for method in ("lumireg", "lumireg-1pass", "lumireg-2passes"):
         assert abs(table[method]["summary"]["dice"]["mean"] - table["none"]["summary"]["dice"]["mean"]) < 1e-3
+        assert abs(table[method]["summary"]["tre"]["mean"] - table["none"]["summary"]["tre"]["mean"]) < 1e-2
+    # every set and method scores TRE at the template's landmarks (tests/benchmarks/test_landmarks.py: its meaning)
+    for entries in sets.values():
+        assert all(0 < entry["summary"]["tre"]["mean"] < 10 for entry in entries["methods"].values()), entries
+    assert "TRE vox" in accuracy_run.stdout
     requests = {method: table[method]["request"] for method in table if method.startswith("lumireg")}
     given = {  # the rest at the contract's defaults
         "lumireg": {"passes": 1},

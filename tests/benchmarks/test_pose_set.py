@@ -7,6 +7,7 @@ import torch
 
 from lumireg.benchmarks import pose
 from lumireg.benchmarks.accuracy import score, set_labels
+from lumireg.benchmarks.landmarks import template_landmarks
 from lumireg.client import geometry
 from lumireg.contract import CANVAS
 from lumireg.train.canvas import lumir_canvas
@@ -17,7 +18,9 @@ def posed():
     canvas = lumir_canvas()
     image = torch.from_numpy(canvas.image.astype(np.float32) / 255)[None]
     labels = torch.from_numpy(canvas.labels.astype(np.int32))[None]
+    points = template_landmarks()  # the template is both images: its landmarks are where they are
     sample = {"fixed": image, "moving": image, "fixed_labels": labels, "moving_labels": labels, "seed": 0}
+    sample |= {"fixed_landmarks": points, "moving_landmarks": points}
     return sample, pose.posed_pair(sample, 0)
 
 
@@ -49,11 +52,12 @@ def test_the_true_motion_maps_the_posed_labels_back_and_no_registration_does_not
     labels = set_labels("pose")
     truth = _true_displacement(pair["world"])
     back = pose.on_fixed_grid(pair, "moving_labels", truth)
-    right = score(truth, sample, labels, back)
+    right = score(truth, sample, labels, back, pair)
     warped, zero = pose.register_none(pair)
-    wrong = score(zero, sample, labels, warped)
+    wrong = score(zero, sample, labels, warped, pair)
     assert right["dice"] > 0.9 and right["ndv_percent"] == 0  # only the 1.3 mm slices' resampling is lost
     assert wrong["dice"] < 0.5
+    assert right["tre"] < 1e-3 and wrong["tre"] > 10  # landmarks are followed through the world motion exactly
     image = pose.on_fixed_grid(pair, "moving", truth)
     inside = sample["fixed_labels"][0].numpy() > 0
     assert np.abs(image[inside] - sample["moving"][0].numpy()[inside]).mean() < 0.05
