@@ -52,6 +52,16 @@ FILES = {
 RETRY_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND"})
 DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
+# The one INTERNAL that is retried: Triton's python backend's words when the process running a model died
+# ("Stub process 'lumireg_0' is not healthy."; from the network's stub, inside lumireg's message). Nothing was
+# registered, and `lumireg serve` restarts the server, so the retries then meet UNAVAILABLE until it is back.
+STUB_DIED = ("StatusCode.INTERNAL", "is not healthy")
+
+
+def retried(status: str, message: str) -> bool:
+    """Whether a request that failed with gRPC ``status`` (and ``message``) is sent again: :data:`RETRY_STATUSES`,
+    or :data:`STUB_DIED`."""
+    return status in RETRY_STATUSES or (status == STUB_DIED[0] and STUB_DIED[1] in message)
 
 
 class LumiregError(RuntimeError):
@@ -334,9 +344,10 @@ class RegistrationClient:
 
         ``parameters``: request parameters (:data:`lumireg.contract.PARAMETERS`); None sends none (server defaults).
 
-        What happens is decided by the request's gRPC status, never by its
-        message: :data:`RETRY_STATUSES` are retried with exponential backoff
-        (0.5 s doubling to 5 s) for ``retry_seconds``, shared memory regions
+        What happens is decided by the request's gRPC status, and by its message
+        only for a model's dead stub (:func:`retried`): :data:`RETRY_STATUSES`
+        and :data:`STUB_DIED` are retried with exponential backoff (0.5 s
+        doubling to 5 s) for ``retry_seconds``, shared memory regions
         registered again before each retry; ``DEADLINE_EXCEEDED`` raises
         :class:`LumiregError` (``timeout``); any other status is a refusal
         (:class:`LumiregError` with the server's message).
@@ -353,7 +364,7 @@ class RegistrationClient:
                 status, message = exc.status(), exc.message() or str(exc)
                 if status == DEADLINE_EXCEEDED:
                     raise LumiregError(f"the server at {self.url} did not answer within {self.timeout:g} s") from exc
-                if status not in RETRY_STATUSES:
+                if not retried(status, message):
                     raise LumiregError(f"the server refused the request: {message}") from exc
                 refused = self.access_problem() if status == UNAVAILABLE else None
                 if refused:

@@ -1,10 +1,13 @@
-"""``lumireg serve``: the bundled (or an exported) model on the embedded Triton server, until Ctrl-C / SIGTERM."""
+"""``lumireg serve``: the bundled (or an exported) model on the embedded Triton server, until Ctrl-C / SIGTERM,
+restarted on the same ports when a model's python-backend stub dies (:func:`supervise`)."""
 
 from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
+import time
 
 from lumireg.contract import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from lumireg.export import repository
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        code = server.wait()
+        code = supervise(server, args.timeout)
         print(f"lumireg serve: tritonserver exited with code {code}", file=sys.stderr)
         return EXIT_FAILURE
     except ServerError as exc:
@@ -87,6 +90,29 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         server.stop()
+
+
+def supervise(server: EmbeddedServer, timeout: float = 180.0, every: float = 1.0) -> int:
+    """Wait for tritonserver to exit and return its exit code; meanwhile, every ``every`` seconds, check the
+    python-backend stubs of its models, and when one has died (tritonserver 2.51 never restarts it and answers
+    INTERNAL meanwhile) say so in one line and restart tritonserver on the same ports, waiting up to ``timeout``
+    seconds for it to be ready (:class:`ServerError` if it is not)."""
+    while True:
+        try:
+            return server.process.wait(every)
+        except subprocess.TimeoutExpired:
+            pass
+        dead = server.dead_stubs()
+        if dead:
+            start = time.monotonic()
+            print(
+                f"lumireg serve: the python backend process of model instance {', '.join(dead)} died: "
+                f"restarting tritonserver on the same ports",
+                file=sys.stderr,
+                flush=True,
+            )
+            server.restart(timeout)
+            print(f"lumireg serve: ready again after {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _protection(server: EmbeddedServer) -> str:

@@ -22,6 +22,12 @@ HTTP); beyond loopback the shared-memory API answers only callers that can
 read a local secret file (:func:`lumireg.contract.shared_memory_secret_path`),
 so a remote caller cannot map this host's ``/dev/shm``. Models are loaded at
 start and never over the network (``--model-control-mode=none``).
+
+The python backend runs each model instance in a stub process of the server's
+process group. tritonserver 2.51 never restarts a stub that died (it answers
+INTERNAL "Stub process '<instance>' is not healthy." to every later request):
+:meth:`EmbeddedServer.dead_stubs` tells, :meth:`EmbeddedServer.restart` starts
+the server again on the same ports, and ``lumireg serve`` does both.
 """
 
 from __future__ import annotations
@@ -192,6 +198,24 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def python_stubs(pgid: int) -> dict[int, tuple[str, str]]:
+    """The live python-backend stubs of process group ``pgid`` (a tritonserver's): ``{pid: (model instance,
+    shared-memory region)}``, from their command lines; a stub that died (a zombie: no command line) is left out."""
+    stubs = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if not entry.isdigit() or os.getpgid(int(entry)) != pgid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        # stub model.py region default-size growth-size parent-pid library ipc-handle instance runtime
+        if argv[0].endswith("triton_python_backend_stub") and len(argv) > 8:
+            stubs[int(entry)] = (argv[8], argv[2])
+    return stubs
+
+
 def free_ports(host: str = "127.0.0.1") -> Ports:
     """Three ports free on ``host`` now (for tests and benchmarks that start their own server)."""
     sockets = [socket.socket() for _ in range(3)]
@@ -242,6 +266,7 @@ class EmbeddedServer:
         self.http_host, self.metrics_host = http_host or local, metrics_host or local
         self.process: subprocess.Popen | None = None
         self._secret_file: Path | None = None
+        self._stubs: dict[int, tuple[str, str]] = {}  # python_stubs() once ready
 
     @property
     def grpc_url(self) -> str:
@@ -311,8 +336,8 @@ class EmbeddedServer:
 
     def _write_shared_memory_secret(self) -> None:
         """Beyond loopback (and unless allowed): a fresh secret in a 0600 file only local callers can read."""
-        if is_loopback(self.host) or self.security.remote_shared_memory:
-            return
+        if is_loopback(self.host) or self.security.remote_shared_memory or self._secret_file is not None:
+            return  # a restart keeps the secret its clients have read
         path = Path(shared_memory_secret_path(self.ports.grpc))
         path.unlink(missing_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -383,6 +408,7 @@ class EmbeddedServer:
                 self._remove_shared_memory_secret()
                 raise ServerFailed(f"tritonserver exited with code {code} while starting{self._log_hint()}")
             if self.ready() and self._answers(self.metrics_url):  # Triton opens metrics just after health
+                self._stubs = python_stubs(self.process.pid)
                 return
             time.sleep(0.25)
         self.stop()
@@ -424,6 +450,21 @@ class EmbeddedServer:
         """Block until the server exits; its exit code."""
         return self.process.wait() if self.process else 0
 
+    def dead_stubs(self) -> list[str]:
+        """The model instances (``lumireg_0``) whose python-backend stub has died since the server became ready."""
+        alive = python_stubs(self.process.pid) if self.running() else {}
+        return sorted(name for pid, (name, _) in self._stubs.items() if pid not in alive)
+
+    def restart(self, timeout: float = 180.0) -> EmbeddedServer:
+        """Kill the server and its stubs (SIGKILL to its process group: with a stub dead its requests cannot finish,
+        and SIGTERM would wait ``--exit-timeout-secs`` for them) and start it again on the same ports."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+            self._remove_stub_regions()
+        return self.start(timeout)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the server to shut down (SIGTERM: it finishes in-flight requests), kill it if it does not."""
         if self.process is None:
@@ -438,6 +479,13 @@ class EmbeddedServer:
                 self.process.wait()
         self.process = None
         self._remove_shared_memory_secret()
+        self._remove_stub_regions()
+
+    def _remove_stub_regions(self) -> None:
+        """Unlink the stubs' regions in /dev/shm that a killed server (or a dead stub) left behind (about 100 MB)."""
+        for _, region in self._stubs.values():
+            Path("/dev/shm", region).unlink(missing_ok=True)
+        self._stubs = {}
 
     def __enter__(self) -> EmbeddedServer:
         return self.start() if self.process is None else self

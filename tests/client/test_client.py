@@ -500,6 +500,23 @@ def test_client_acts_on_the_status_not_the_message(status):
         assert ("did not answer" if status == "StatusCode.DEADLINE_EXCEEDED" else "server refused") in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Stub process 'lumireg_0' is not healthy.",
+        "lumireg: registration failed: lumireg_network: Stub process 'lumireg_network_0' is not healthy.",
+    ],
+)
+def test_the_internal_of_a_dead_stub_is_retried(message):
+    # the python backend's words for a model's process that died: lumireg serve restarts the server
+    transport = _Refusing("StatusCode.INTERNAL", message)
+    with RegistrationClient(f"127.0.0.1:{free_ports().grpc}", transport="grpc", retry_seconds=1.2) as client:
+        client.transport = transport
+        with pytest.raises(ServerUnavailable, match="is not healthy"):
+            client.infer({"fixed": np.zeros((1, 1, 2, 2, 2), np.uint8)}, ["displacement"])
+    assert transport.calls == 2 and transport.resets == 1
+
+
 def test_server_refusals_carry_invalid_argument(shm_client, pair):
     with pytest.raises(LumiregError, match="'moving_labels' was not sent") as raised:
         shm_client.infer({"fixed": pair["fixed"], "moving": pair["moving"]}, ["warped_labels"])
