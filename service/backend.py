@@ -12,34 +12,53 @@ import torch
 import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
+from lumireg.service.pipeline import exact_float32
+
 # seconds: the stages of one batch on a CPU (~0.05-2 s) and on a GPU (~1-50 ms)
 STAGE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 NDV_BUCKETS = [0.0, 0.0001, 0.001, 0.01, 0.1, 1.0, 10.0]  # percent; LUMIR's goal is <= 0.01 %
 
 
-def instance_device(args: dict) -> torch.device:
-    """The model instance's device: ``cuda:<id>`` for a GPU instance, else the CPU."""
+def use_instance_device(args: dict) -> torch.device:
+    """The model instance's device, set up for it: ``cuda:<id>`` for a GPU instance, else the CPU.
+
+    On a GPU instance, ``args["model_instance_device_id"]`` becomes the current
+    CUDA device: without an ``instance_group`` Triton puts an instance on every
+    GPU, and the Triton kernels and the network launch on the current device.
+    TF32 goes off in every instance (:func:`lumireg.service.pipeline.exact_float32`).
+    """
+    exact_float32()
     if args["model_instance_kind"] == "GPU":
-        return torch.device("cuda", int(args["model_instance_device_id"]))
+        device = torch.device("cuda", int(args["model_instance_device_id"]))
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
+
+
+def as_torch(tensor, device: torch.device) -> torch.Tensor:
+    """A ``pb_utils.Tensor`` (an input, or an output of a BLS call) as a torch tensor on ``device``."""
+    value = torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.utils.dlpack.from_dlpack(tensor)
+    return value.to(device)
 
 
 def input_tensor(request, name: str, device: torch.device) -> torch.Tensor | None:
     """Input ``name`` of ``request`` as a torch tensor on ``device``; None if the request lacks it."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    value = (
-        torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
-    )
-    return value.to(device)
+    return None if tensor is None else as_torch(tensor, device)
 
 
 def output_tensor(name: str, value) -> pb_utils.Tensor:
-    """A response tensor from a torch tensor (GPU tensors leave by DLPack) or a numpy array."""
+    """A response (or BLS request) tensor from a torch tensor or a numpy array.
+
+    A GPU tensor leaves by DLPack as the tensor itself, not a capsule: the
+    python backend then calls its ``__dlpack__`` with the backend's stream and
+    waits for that stream, so the kernels still queued on torch's stream (the
+    float16 cast, a warp) finish before Triton reads the memory. A capsule is
+    taken as it is, with no synchronisation.
+    """
     if isinstance(value, torch.Tensor):
         if value.is_cuda:
-            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+            return pb_utils.Tensor.from_dlpack(name, value.contiguous())
         value = value.contiguous().numpy()
     return pb_utils.Tensor(name, value)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from lumireg.contract import NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME
-from lumireg.service.backend import error_response, input_tensor, instance_device, output_tensor
+from lumireg.service.backend import error_response, input_tensor, output_tensor, use_instance_device
 from lumireg.service.pipeline import network_runner
 
 
@@ -30,7 +30,7 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / network_file
         if not path.is_file():
             raise pb_utils.TritonModelException(f"{path} is missing: run `lumireg export` to write the network")
-        self.device = instance_device(args)
+        self.device = use_instance_device(args)
         self.network = network_runner(path, self.device)
 
     def execute(self, requests) -> list:

@@ -33,6 +33,20 @@ from lumireg.network.refine import refine as refine_velocity
 from lumireg.service.quality import quality_report, with_alignment
 
 
+def exact_float32() -> None:
+    """Turn TF32 off in this process, for cuDNN's convolutions (on by default) and CUDA matrix products.
+
+    TF32 rounds the network's inputs to 10 mantissa bits; the velocities, and
+    the fields integrated from them, would then move by more than the 1e-3
+    voxels the served-vs-in-process tests promise. Both python-backend models
+    call this in ``initialize`` (:func:`lumireg.service.backend.use_instance_device`),
+    and :func:`network_runner` and :func:`register_in_process` call it in process,
+    so the service and its in-process reference compute alike, in float32.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class StageTimer:
     """Seconds spent per stage, accumulated; waits for the GPU at each stage's end so times are real."""
 
@@ -202,7 +216,9 @@ def postprocess(
             if alignment:
                 inverse = compose_inverse(_matrices(alignment, device), inverse)
             out["inverse_displacement"] = inverse
-    with timer.stage("warp", device):
+    with timer.stage("warp", device):  # the float16 cast too: the timer waits for it, and Triton reads its memory
+        if "displacement_fp16" in wanted:
+            out["displacement_fp16"] = displacement.half()
         if "warped" in wanted or "qc" in wanted:
             warped = warp(moving.float(), displacement)
             if "warped" in wanted:
@@ -211,8 +227,6 @@ def postprocess(
             out["warped_labels"] = warp(moving_labels, displacement, mode="nearest").to(torch.int32)
     if "displacement" in wanted:
         out["displacement"] = displacement
-    if "displacement_fp16" in wanted:
-        out["displacement_fp16"] = displacement.half()
     if "qc" in wanted:
         with timer.stage("qc", device):
             passes = len(velocities) - coarse
@@ -236,13 +250,14 @@ def network_runner(onnx_path: str | Path, device: torch.device):
     Takes ``uint8 (B, 1, D, H, W)`` tensors on any device, returns the float32
     velocity on ``device``. ONNX Runtime on a CPU, and on a GPU when
     onnxruntime-gpu is installed; otherwise on a GPU, PyTorch with the
-    checkpoint that ``lumireg export`` copied beside the ONNX file.
+    checkpoint that ``lumireg export`` copied beside the ONNX file. TF32 off (:func:`exact_float32`).
     """
     import onnxruntime
 
     from lumireg.export.onnx import VelocityGraph, onnxruntime_runner, onnxruntime_session
     from lumireg.network.checkpoint import load_model
 
+    exact_float32()
     onnx_path = Path(onnx_path)
     if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         graph = VelocityGraph(load_model(onnx_path.parent / CHECKPOINT_FILE)).to(device)
@@ -285,8 +300,9 @@ def register_in_process(
         fixed, moving: ``uint8 (B, 1, D, H, W)``.
         passes, coarse, refine, similarity, align, contrast: the request parameters of those names.
         moving_labels: ``int32 (B, 1, D, H, W)`` or None.
-        device: where the post-processing runs.
+        device: where the post-processing runs (TF32 off: :func:`exact_float32`).
     """
+    exact_float32()
     timer = timer or StageTimer()
     target = torch.device(device)
 

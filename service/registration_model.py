@@ -36,13 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from lumireg.contract import ENTRY_MODEL, EXPORT_RECORD, INTEGRATION_STEPS, OUTPUT_NAMES, request_parameters
 from lumireg.contract import NETWORK_INPUT_NAMES as IMAGES
 from lumireg.contract import NETWORK_OUTPUT_NAME as VELOCITY
-from lumireg.service.backend import Metrics, error_response, input_tensor, instance_device, output_tensor
+from lumireg.service.backend import (
+    Metrics,
+    as_torch,
+    error_response,
+    input_tensor,
+    output_tensor,
+    use_instance_device,
+)
 from lumireg.service.pipeline import StageTimer, postprocess, transform
 
 
@@ -68,7 +74,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.network_model = config["parameters"]["network_model"]["string_value"]
-        self.device = instance_device(args)
+        self.device = use_instance_device(args)
         record_path = Path(args["model_repository"]).parent / self.network_model / "1" / EXPORT_RECORD
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         self.weights = record.get("weights", "unknown weights (no export.json)")
@@ -119,10 +125,7 @@ class TritonPythonModel:
                     f"{self.network_model} is unavailable (the server is starting or stopping): {error.message()}"
                 )
             raise RuntimeError(f"{self.network_model}: {error.message()}")
-        velocity = pb_utils.get_output_tensor_by_name(response, VELOCITY)
-        if velocity.is_cpu():
-            return torch.from_numpy(velocity.as_numpy()).to(self.device)
-        return torch.utils.dlpack.from_dlpack(velocity.to_dlpack()).to(self.device)
+        return as_torch(pb_utils.get_output_tensor_by_name(response, VELOCITY), self.device)
 
     def execute(self, requests) -> list:
         start = time.perf_counter()
