@@ -138,7 +138,8 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", device_id: int = 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise RuntimeError(
                 "the network should run on CUDA but this onnxruntime has no CUDA execution provider; "
-                "replace onnxruntime with onnxruntime-gpu (same version) on GPU hosts"
+                "on a GPU host install the gpu extra in place of the server one: "
+                "pip uninstall -y onnxruntime && pip install 'lumireg[gpu]' (README, 'On a GPU host')"
             )
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
     return onnxruntime.InferenceSession(str(path), options, providers=providers)
