@@ -1,19 +1,47 @@
-"""What every op shares: input checks, the choice of backend, output allocation.
+"""What every op shares: input checks, the choice of backend, output allocation, launches.
 
 Backends: ``"auto"`` runs the Triton kernels on CUDA tensors and the PyTorch
 twin on CPU tensors; ``"triton"`` forces the kernels (on CPU tensors only under
 ``TRITON_INTERPRET=1``, set before ``lumireg.kernels`` is imported, as the
 tests do); ``"torch"`` forces the twin.
+
+Every kernel runs through :func:`launch`, which launches it on its tensors'
+GPU (Triton launches on the current CUDA device, so inputs on ``cuda:1``
+would otherwise fail or run on ``cuda:0``), sized from :data:`LAUNCH` and
+counted in :data:`launches`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import Counter
+from typing import NamedTuple
 
 import torch
 import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+class Launch(NamedTuple):
+    """Voxels per program (``BLOCK``, a power of two) and warps per program of an op's kernels."""
+
+    block: int
+    num_warps: int
+
+
+# Every op's launch size, in one place; chosen without a GPU. `lumireg bench kernels --sweep-blocks`
+# times the alternatives on one. mutual_information's entry is for <= 32 bins (see its _launch_shape).
+LAUNCH = {
+    "warp": Launch(1024, 4),
+    "integrate": Launch(1024, 4),  # the warp kernels in residual mode, one launch per squaring
+    "local_ncc": Launch(1024, 4),
+    "mutual_information": Launch(128, 4),
+}
+
+# Kernel launches so far, by kernel name (tests and `lumireg bench kernels` read and clear it).
+launches: Counter[str] = Counter()
 
 # Tests set this to fill every kernel output with NaN (or -1 for integers) before
 # the kernel runs, so an element a kernel forgets to write shows up.
@@ -83,3 +111,15 @@ def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> t
         return torch.empty(shape, dtype=dtype, device=like.device)
     fill = float("nan") if dtype.is_floating_point else -1
     return torch.full(shape, fill, dtype=dtype, device=like.device)
+
+
+def device_guard(tensor: torch.Tensor):
+    """A context that makes ``tensor``'s GPU the current CUDA device; nothing for CPU tensors (interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on the device of the first tensor in ``args``, counted in :data:`launches`."""
+    launches[kernel.__name__] += 1
+    with device_guard(next(a for a in args if isinstance(a, torch.Tensor))):
+        kernel[grid](*args, **meta)

@@ -4,7 +4,13 @@
 zero padding), as VoxelMorph's ``VecInt``. Each squaring step is one launch of
 the fused warp kernel in residual mode: every voxel reads its own three
 components, samples all three at once from the 8 neighbours, and writes
-``u + sample``. ``integrate(-v)`` is the inverse transform.
+``u + sample``. The first launch also does the scaling (``s v + warp(s v, s v)``,
+``s = 2**-steps``), so the forward is ``steps`` launches and the backward
+``steps`` more (plus two elementwise torch adds per step). ``integrate(-v)``
+is the inverse transform.
+
+On a GPU the backward's atomic adds (see :mod:`lumireg.kernels.warp`) make the
+gradient vary in its last bits between identical runs; the forward is deterministic.
 """
 
 from __future__ import annotations
@@ -17,19 +23,20 @@ from lumireg.kernels.warp import warp_backward, warp_forward, warp_torch
 
 
 class SquaringStep(torch.autograd.Function):
-    """``u + warp(u, u)`` on the Triton kernels; saves only ``u``."""
+    """``u + warp(u, u)`` of ``u = scale * v`` on the Triton kernels; saves only ``v``."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(u)
-        return warp_forward(u, u, residual=True)
+    def forward(ctx, v: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(v)
+        ctx.scale = scale
+        return warp_forward(v, v, residual=True, scale=scale, op="integrate")
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-        (u,) = ctx.saved_tensors
-        # u is both the image sampled and the displacement sampling it
-        grad_image, grad_disp = warp_backward(grad_out, u, u)
-        return grad_out + grad_image + grad_disp
+    def backward(ctx, grad_out: torch.Tensor):
+        (v,) = ctx.saved_tensors
+        # v is both the image sampled and the displacement sampling it; the kernel applies the scale to both
+        grad_image, grad_disp = warp_backward(grad_out, v, v, scale=ctx.scale, op="integrate")
+        return torch.add(grad_image, grad_out, alpha=ctx.scale).add_(grad_disp), None
 
 
 def integrate(velocity: torch.Tensor, steps: int = INTEGRATION_STEPS, backend: str = "auto") -> torch.Tensor:
@@ -44,13 +51,19 @@ def integrate(velocity: torch.Tensor, steps: int = INTEGRATION_STEPS, backend: s
 
     Returns:
         ``(B, 3, D, H, W)`` pull-back displacement in voxel units, float32
-        (float64 for float64 input), differentiable in ``velocity``.
+        (float64 for float64 input), differentiable in ``velocity``. On a GPU
+        its gradient is not bitwise reproducible (atomic adds).
     """
     check_volume("velocity", velocity, channels=3)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    triton_path = use_triton(backend, velocity)
-    u = velocity.to(compute_dtype(velocity)) / 2**steps
+    u = velocity.to(compute_dtype(velocity))
+    if use_triton(backend, velocity):
+        for step in range(steps):
+            # 2**-steps is exact in float32, as the kernel receives it
+            u = SquaringStep.apply(u, 2.0**-steps if step == 0 else 1.0)
+        return u
+    u = u / 2**steps
     for _ in range(steps):
-        u = SquaringStep.apply(u) if triton_path else u + warp_torch(u, u)
+        u = u + warp_torch(u, u)
     return u

@@ -24,9 +24,11 @@ import triton
 import triton.language as tl
 
 from lumireg.kernels._dispatch import (
+    LAUNCH,
     check_same_grid,
     check_volume,
     compute_dtype,
+    launch,
     new_output,
     triton_dtype,
     use_triton,
@@ -128,11 +130,12 @@ def _mi_backward_kernel(
 def _launch_shape(bins: int) -> tuple[int, int, int]:
     """``(BINS_P, BLOCK, num_warps)``: bins padded to a power of two >= 16 (tl.dot's least), voxels per block.
 
-    For sm_90, ptxas compiles the 16- and 32-bin kernels without spills (or a few bytes); 64 and 128 bins
-    spill some. Not yet timed on a GPU.
+    Up to 32 bins, ``LAUNCH["mutual_information"]``; beyond, ``BLOCK x BINS_P`` stays at 2048 weights per
+    program, 8 warps. For sm_90, ptxas compiles the 16- and 32-bin kernels without spills (or a few bytes);
+    64 and 128 bins spill some. Not yet timed on a GPU.
     """
     bins_p = max(16, triton.next_power_of_2(bins))
-    return bins_p, 128 if bins_p <= 32 else 2048 // bins_p, 4 if bins_p <= 32 else 8
+    return (bins_p, *LAUNCH["mutual_information"]) if bins_p <= 32 else (bins_p, 2048 // bins_p, 8)
 
 
 def _sigma_tensor(sigma: float, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -157,7 +160,9 @@ def joint_histogram_forward(fixed: torch.Tensor, moving: torch.Tensor, bins: int
     programs = max(1, min(triton.cdiv(n, block), MAX_PARTIAL // (bins_p * bins_p)))
     iters = triton.cdiv(triton.cdiv(n, block), programs)
     partial = new_output((B, programs, bins_p, bins_p), fixed, dtype=acc)
-    _mi_joint_kernel[(programs, B)](
+    launch(
+        _mi_joint_kernel,
+        (programs, B),
         fixed,
         moving,
         _sigma_tensor(sigma, fixed, acc),
@@ -191,7 +196,9 @@ def joint_histogram_backward(
     coef = torch.zeros((B, bins_p, bins_p), dtype=acc, device=fixed.device)
     coef[:, :bins, :bins] = grad_joint.to(acc) / n
     grads = [new_output(t.shape, t, dtype=acc) if need else None for t, need in zip((fixed, moving), needs)]
-    _mi_backward_kernel[(triton.cdiv(n, block), B)](
+    launch(
+        _mi_backward_kernel,
+        (triton.cdiv(n, block), B),
         fixed,
         moving,
         _sigma_tensor(sigma, fixed, acc),

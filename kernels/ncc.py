@@ -21,9 +21,11 @@ import triton.language as tl
 
 from lumireg.contract import NCC_WINDOW
 from lumireg.kernels._dispatch import (
+    LAUNCH,
     check_same_grid,
     check_volume,
     compute_dtype,
+    launch,
     new_output,
     triton_dtype,
     use_triton,
@@ -31,7 +33,6 @@ from lumireg.kernels._dispatch import (
 
 EPS = 1e-5
 FIELDS = 5  # S_I, S_J, S_II, S_JJ, S_IJ (forward) or a_I, a_J, b_I, b_J, c (backward)
-BLOCK = 1024
 
 
 @triton.jit
@@ -186,15 +187,20 @@ def _ncc_backward_kernel(
     tl.store(grad_moving_ptr + plane * n + offs, scale * (a_j + 2.0 * j * b_j + i * c), mask=mask)
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    block, warps = LAUNCH["local_ncc"]
+    launch(kernel, grid, *args, **meta, BLOCK=block, num_warps=warps)
+
+
 def _box_sums_wh(fixed: torch.Tensor, moving: torch.Tensor, window: int):
-    """Passes 1-2: the five sums boxed along W and H; also returns a same-shaped scratch buffer."""
+    """Passes 1-2: the five sums boxed along W and H; also returns a same-shaped scratch buffer and the grid."""
     B, C, D, H, W = fixed.shape
     n, acc = D * H * W, compute_dtype(fixed, moving)
-    grid = (triton.cdiv(n, BLOCK), B * C)
+    grid = (triton.cdiv(n, LAUNCH["local_ncc"].block), B * C)
     along_w = new_output((B * C, FIELDS, n), fixed, dtype=acc)
-    _ncc_products_w_kernel[grid](fixed, moving, along_w, n, W, WINDOW=window, ACC=triton_dtype(acc), BLOCK=BLOCK)
+    _launch(_ncc_products_w_kernel, grid, fixed, moving, along_w, n, W, WINDOW=window, ACC=triton_dtype(acc))
     along_wh = new_output((B * C, FIELDS, n), fixed, dtype=acc)
-    _ncc_box_kernel[grid](along_w, along_wh, n, W, H, FIELDS=FIELDS, WINDOW=window, ACC=triton_dtype(acc), BLOCK=BLOCK)
+    _launch(_ncc_box_kernel, grid, along_w, along_wh, n, W, H, FIELDS=FIELDS, WINDOW=window, ACC=triton_dtype(acc))
     return along_wh, along_w, grid
 
 
@@ -205,7 +211,7 @@ def ncc_forward(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> torch
     acc = compute_dtype(fixed, moving)
     sums, _, grid = _box_sums_wh(fixed, moving, window)
     partial = new_output((B * C, grid[0]), fixed, dtype=acc)
-    _ncc_forward_kernel[grid](sums, partial, D * H * W, H * W, D, WINDOW=window, ACC=triton_dtype(acc), BLOCK=BLOCK)
+    _launch(_ncc_forward_kernel, grid, sums, partial, D * H * W, H * W, D, WINDOW=window, ACC=triton_dtype(acc))
     # a fixed-shape torch sum instead of atomics keeps the result deterministic
     return partial.view(B, -1).sum(dim=1) / (C * D * H * W)
 
@@ -222,15 +228,28 @@ def ncc_backward(
     n, acc = D * H * W, compute_dtype(fixed, moving)
     sums, coef, grid = _box_sums_wh(fixed, moving, window)
     ACC = triton_dtype(acc)
-    _ncc_coefficients_kernel[grid](sums, coef, n, H * W, D, WINDOW=window, ACC=ACC, BLOCK=BLOCK)
+    _launch(_ncc_coefficients_kernel, grid, sums, coef, n, H * W, D, WINDOW=window, ACC=ACC)
     # sums is free now: it takes the W pass over the coefficients, coef the H pass
-    _ncc_box_kernel[grid](coef, sums, n, 1, W, FIELDS=FIELDS, WINDOW=window, ACC=ACC, BLOCK=BLOCK)
-    _ncc_box_kernel[grid](sums, coef, n, W, H, FIELDS=FIELDS, WINDOW=window, ACC=ACC, BLOCK=BLOCK)
+    _launch(_ncc_box_kernel, grid, coef, sums, n, 1, W, FIELDS=FIELDS, WINDOW=window, ACC=ACC)
+    _launch(_ncc_box_kernel, grid, sums, coef, n, W, H, FIELDS=FIELDS, WINDOW=window, ACC=ACC)
     scale = (grad_out.to(acc) / (C * n)).contiguous()
     grad_fixed = new_output(fixed.shape, fixed, dtype=acc)
     grad_moving = new_output(moving.shape, moving, dtype=acc)
-    _ncc_backward_kernel[grid](
-        coef, fixed, moving, scale, grad_fixed, grad_moving, C, n, H * W, D, WINDOW=window, ACC=ACC, BLOCK=BLOCK
+    _launch(
+        _ncc_backward_kernel,
+        grid,
+        coef,
+        fixed,
+        moving,
+        scale,
+        grad_fixed,
+        grad_moving,
+        C,
+        n,
+        H * W,
+        D,
+        WINDOW=window,
+        ACC=ACC,
     )
     return grad_fixed.to(fixed.dtype), grad_moving.to(moving.dtype)
 

@@ -5,6 +5,13 @@ fixed grid: a pull-back, displacement in voxel units, channel k of ``disp``
 along array axis k (D, H, W), voxel centres at integer coordinates
 (grid_sample's ``align_corners=True``). The Triton kernels compute each sample
 coordinate from the voxel index, so no identity grid is ever materialised.
+
+The backward scatters the image gradient with atomic adds: on a GPU their
+order varies from run to run, so float gradients of the image differ in the
+last bits between identical runs (the interpreter and the PyTorch twin are
+deterministic). The displacement gradient is written per voxel; through the
+squaring steps of :func:`lumireg.kernels.integrate`, where the image is the
+displacement, it inherits the variation.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import triton
 import triton.language as tl
 
 from lumireg.kernels._dispatch import (
+    LAUNCH,
     check_same_grid,
     check_volume,
     compute_dtype,
+    launch,
     new_output,
     triton_dtype,
     use_triton,
@@ -25,13 +34,12 @@ from lumireg.kernels._dispatch import (
 
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border")
-BLOCK = 1024
 
 
 @triton.jit
-def _sample_coordinate(disp_ptr, offs, index, size, mask, BORDER: tl.constexpr, ACC: tl.constexpr):
-    """Source coordinate ``index + disp`` along one axis and d(clamped)/d(coordinate) in {0, 1}."""
-    x = index.to(ACC) + tl.load(disp_ptr + offs, mask=mask, other=0).to(ACC)
+def _sample_coordinate(disp_ptr, offs, index, size, scale, mask, BORDER: tl.constexpr, ACC: tl.constexpr):
+    """Source coordinate ``index + scale * disp`` along one axis and d(clamped)/d(coordinate) in {0, 1}."""
+    x = index.to(ACC) + scale * tl.load(disp_ptr + offs, mask=mask, other=0).to(ACC)
     upper = (size - 1).to(ACC)
     if BORDER:
         # grid_sample's border mode: clamp, and no gradient on or past the edge
@@ -45,13 +53,13 @@ def _sample_coordinate(disp_ptr, offs, index, size, mask, BORDER: tl.constexpr, 
 
 
 @triton.jit
-def _sample_point(disp_ptr, b, offs, D, H, W, mask, BORDER: tl.constexpr, ACC: tl.constexpr):
+def _sample_point(disp_ptr, b, offs, D, H, W, scale, mask, BORDER: tl.constexpr, ACC: tl.constexpr):
     """Source point of voxels ``offs`` of sample ``b`` (three coordinates) and their clamp slopes."""
     n = D * H * W
     base = disp_ptr + b * 3 * n
-    xd, sd = _sample_coordinate(base, offs, offs // (H * W), D, mask, BORDER, ACC)
-    xh, sh = _sample_coordinate(base + n, offs, (offs // W) % H, H, mask, BORDER, ACC)
-    xw, sw = _sample_coordinate(base + 2 * n, offs, offs % W, W, mask, BORDER, ACC)
+    xd, sd = _sample_coordinate(base, offs, offs // (H * W), D, scale, mask, BORDER, ACC)
+    xh, sh = _sample_coordinate(base + n, offs, (offs // W) % H, H, scale, mask, BORDER, ACC)
+    xw, sw = _sample_coordinate(base + 2 * n, offs, offs % W, W, scale, mask, BORDER, ACC)
     return xd, xh, xw, sd, sh, sw
 
 
@@ -79,6 +87,7 @@ def _warp_forward_kernel(
     D,
     H,
     W,
+    scale,
     NEAREST: tl.constexpr,
     BORDER: tl.constexpr,
     RESIDUAL: tl.constexpr,
@@ -89,7 +98,7 @@ def _warp_forward_kernel(
     n = D * H * W
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    xd, xh, xw, _, _, _ = _sample_point(disp_ptr, b, offs, D, H, W, mask, BORDER, ACC)
+    xd, xh, xw, _, _, _ = _sample_point(disp_ptr, b, offs, D, H, W, scale, mask, BORDER, ACC)
     if NEAREST:
         d0 = _round_half_even(xd).to(tl.int32)
         h0 = _round_half_even(xh).to(tl.int32)
@@ -121,7 +130,7 @@ def _warp_forward_kernel(
                         acc += wd * wh * ww * v
             if RESIDUAL:
                 acc += tl.load(image_ptr + plane + offs, mask=mask, other=0).to(ACC)
-            tl.store(out_ptr + plane + offs, acc, mask=mask)
+            tl.store(out_ptr + plane + offs, scale * acc, mask=mask)
 
 
 @triton.jit
@@ -135,6 +144,7 @@ def _warp_backward_kernel(
     D,
     H,
     W,
+    scale,
     BORDER: tl.constexpr,
     IMAGE_GRAD: tl.constexpr,
     DISP_GRAD: tl.constexpr,
@@ -145,7 +155,7 @@ def _warp_backward_kernel(
     n = D * H * W
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    xd, xh, xw, sd, sh, sw = _sample_point(disp_ptr, b, offs, D, H, W, mask, BORDER, ACC)
+    xd, xh, xw, sd, sh, sw = _sample_point(disp_ptr, b, offs, D, H, W, scale, mask, BORDER, ACC)
     d0, td = _floor_split(xd)
     h0, th = _floor_split(xh)
     w0, tw = _floor_split(xw)
@@ -154,7 +164,8 @@ def _warp_backward_kernel(
     gxw = tl.zeros([BLOCK], ACC)
     for c in range(C):
         plane = (b * C + c) * n
-        g = tl.load(grad_out_ptr + plane + offs, mask=mask, other=0).to(ACC)
+        # d/d(image) and d/d(disp) of warp(scale * image, scale * disp) both carry one factor scale
+        g = scale * tl.load(grad_out_ptr + plane + offs, mask=mask, other=0).to(ACC)
         for i in tl.static_range(2):
             wd = td if i == 1 else 1.0 - td
             sgn_d = 1.0 if i == 1 else -1.0
@@ -170,9 +181,10 @@ def _warp_backward_kernel(
                     valid = mask & (di >= 0) & (di < D) & (hj >= 0) & (hj < H) & (wk >= 0) & (wk < W)
                     src = plane + (di * H + hj) * W + wk
                     if IMAGE_GRAD:
-                        tl.atomic_add(grad_image_ptr + src, g * (wd * wh * ww), mask=valid)
+                        # relaxed: only the sum matters, the adds need no ordering (acq_rel would fence each)
+                        tl.atomic_add(grad_image_ptr + src, g * (wd * wh * ww), mask=valid, sem="relaxed")
                     if DISP_GRAD:
-                        gv = g * tl.load(image_ptr + src, mask=valid, other=0).to(ACC)
+                        gv = g * scale * tl.load(image_ptr + src, mask=valid, other=0).to(ACC)
                         gxd += gv * (sgn_d * wh * ww)
                         gxh += gv * (wd * sgn_h * ww)
                         gxw += gv * (wd * wh * sgn_w)
@@ -183,31 +195,44 @@ def _warp_backward_kernel(
         tl.store(grad_base + 2 * n + offs, gxw * sw, mask=mask)
 
 
-def _launch_grid(image: torch.Tensor):
-    return (triton.cdiv(image[0, 0].numel(), BLOCK), image.shape[0])
+def _launch(kernel, image: torch.Tensor, *args, op: str, **meta) -> None:
+    block, warps = LAUNCH[op]
+    grid = (triton.cdiv(image[0, 0].numel(), block), image.shape[0])
+    launch(kernel, grid, image, *args, **meta, BLOCK=block, num_warps=warps)
 
 
 def warp_forward(
-    image: torch.Tensor, disp: torch.Tensor, nearest: bool = False, border: bool = False, residual: bool = False
+    image: torch.Tensor,
+    disp: torch.Tensor,
+    nearest: bool = False,
+    border: bool = False,
+    residual: bool = False,
+    scale: float = 1.0,
+    op: str = "warp",
 ) -> torch.Tensor:
-    """Launch the forward kernel: ``warp(image, disp)``, plus ``image`` itself when ``residual``.
+    """Launch the forward kernel: ``warp(s * image, s * disp)``, plus ``s * image`` itself when ``residual``.
 
     ``residual=True`` with ``image is disp`` is one scaling-and-squaring step
-    ``u + warp(u, u)``. Shapes as in :func:`warp`; output dtype is ``image``'s.
+    ``u + warp(u, u)`` of ``u = s * image``, ``s = scale`` (trilinear only; it
+    reaches the kernel as float32, so use a power of two in float64 runs).
+    ``op`` names the :data:`LAUNCH` entry that sizes the launch. Shapes as in
+    :func:`warp`; output dtype is ``image``'s.
     """
     image, disp = image.contiguous(), disp.contiguous()
     out = new_output(image.shape, image)
-    _warp_forward_kernel[_launch_grid(image)](
+    _launch(
+        _warp_forward_kernel,
         image,
         disp,
         out,
         image.shape[1],
         *image.shape[2:],
+        scale,
+        op=op,
         NEAREST=nearest,
         BORDER=border,
         RESIDUAL=residual,
         ACC=triton_dtype(compute_dtype(image, disp)),
-        BLOCK=BLOCK,
     )
     return out
 
@@ -219,17 +244,22 @@ def warp_backward(
     border: bool = False,
     image_grad: bool = True,
     disp_grad: bool = True,
+    scale: float = 1.0,
+    op: str = "warp",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernel of trilinear :func:`warp`; returns ``(grad_image, grad_disp)``.
+    """Launch the backward kernel of trilinear ``warp(s * image, s * disp)``; returns ``(grad_image, grad_disp)``.
 
     The sample weights are recomputed from ``disp`` rather than saved. Image
-    gradients are scattered with atomic adds in the accumulation dtype.
+    gradients are scattered with atomic adds in the accumulation dtype: on a
+    GPU the order of the adds, hence the last bits, varies between runs.
+    ``scale`` and ``op`` as in :func:`warp_forward`.
     """
     grad_out, image, disp = grad_out.contiguous(), image.contiguous(), disp.contiguous()
     acc = compute_dtype(image, disp)
     grad_image = torch.zeros(image.shape, dtype=acc, device=image.device) if image_grad else None
     grad_disp = new_output(disp.shape, disp, dtype=acc) if disp_grad else None
-    _warp_backward_kernel[_launch_grid(image)](
+    _launch(
+        _warp_backward_kernel,
         image,
         disp,
         grad_out,
@@ -237,11 +267,12 @@ def warp_backward(
         grad_disp,
         image.shape[1],
         *image.shape[2:],
+        scale,
+        op=op,
         BORDER=border,
         IMAGE_GRAD=image_grad,
         DISP_GRAD=disp_grad,
         ACC=triton_dtype(acc),
-        BLOCK=BLOCK,
     )
     return (
         None if grad_image is None else grad_image.to(image.dtype),

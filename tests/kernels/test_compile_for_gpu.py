@@ -4,18 +4,19 @@ The interpreter that runs the kernels in CI executes them as Python: it does
 not catch what only the compiler rejects (types, constexpr misuse). This
 compiles each kernel ahead of time with the ptxas that ships in the triton
 wheel, for float32 and float64 accumulation and the variants the ops launch,
-in a subprocess where the interpreter is off.
+in a subprocess where the interpreter is off, and reads the atomics in the PTX.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 # (module, kernel, its constexpr values besides ACC (and BLOCK, 1024 unless given), pointer types that differ from the
-# accumulation type)
+# accumulation type); other arguments are i32, `scale` fp32
 CASES = [
     ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": False, "RESIDUAL": False}, {}),
     ("warp", "_warp_forward_kernel", {"NEAREST": False, "BORDER": True, "RESIDUAL": True}, {}),
@@ -72,12 +73,12 @@ results = []
 for module, name, constants, pointers, acc in json.load(sys.stdin):
     kernel = getattr(importlib.import_module("lumireg.kernels." + module), name)
     constexprs = {"BLOCK": 1024, **constants, "ACC": getattr(tl, "float" + acc[2:])}
-    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*" + acc) if a.endswith("_ptr") else "i32"
-                 for a in kernel.arg_names}
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*" + acc) if a.endswith("_ptr")
+                 else "fp32" if a == "scale" else "i32" for a in kernel.arg_names}
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32))
-        results.append(len(compiled.asm["cubin"]))
+        results.append([len(compiled.asm["cubin"]), compiled.asm["ptx"]])
     except Exception:
         results.append(traceback.format_exc(limit=3))
 print(json.dumps(results))
@@ -86,7 +87,7 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Cubin size (bytes) or the compiler's error, per (case index, accumulator)."""
+    """``[cubin size (bytes), PTX]`` or the compiler's error, per (case index, accumulator)."""
     jobs = [[*case, acc] for case in CASES for acc in ACCUMULATORS]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -108,4 +109,15 @@ def compiled():
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
 def test_kernel_compiles_for_sm90(compiled, index, acc):
     result = compiled[(index, acc)]
-    assert isinstance(result, int) and result > 1000, f"{CASES[index][:3]} with {acc}:\n{result}"
+    assert isinstance(result, list) and result[0] > 1000, f"{CASES[index][:3]} with {acc}:\n{result}"
+
+
+def test_gradient_scatter_atomics_are_relaxed_not_fences(compiled):
+    # acq_rel, Triton's default, orders every add against the program's other memory accesses; a sum needs no order
+    atomics = {
+        op
+        for result in compiled.values()
+        if isinstance(result, list)
+        for op in re.findall(r"\b(?:atom|red)\.[\w.]+", result[1])
+    }
+    assert atomics and all(".relaxed." in op for op in atomics), atomics

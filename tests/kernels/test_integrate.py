@@ -6,7 +6,10 @@ import pytest
 import torch
 import triton
 
-from lumireg.kernels import integrate, warp
+from lumireg.kernels import _dispatch, integrate, warp
+from lumireg.kernels._dispatch import LAUNCH
+from lumireg.kernels.integrate import SquaringStep
+from lumireg.kernels.warp import warp_forward
 
 BACKENDS = ["triton", "torch"]
 
@@ -70,13 +73,13 @@ def test_triton_gradient_matches_twin(rng, oracle, triton_device, dtype, tol):
     assert off <= 2e-3 and err < 2e-2, f"{off:.2%} of elements off by > {tol:.0e} x max; max error {err:.2e}"
 
 
-# BLOCK = 1024 voxels per program along grid axis 0 (one sample per grid axis 1): 12 * 14 * 16 = 2688
+# LAUNCH[...].block = 1024 voxels per program along grid axis 0 (one sample per grid axis 1): 12 * 14 * 16 = 2688
 # voxels are 3 programs per sample, the last one partial; each squaring step samples across programs.
 MULTI_BLOCK_SIZE = (12, 14, 16)
 
 
 def test_multi_block_size_spans_three_programs_the_last_partial():
-    from lumireg.kernels.warp import BLOCK
+    BLOCK = LAUNCH["integrate"].block
 
     n = MULTI_BLOCK_SIZE[0] * MULTI_BLOCK_SIZE[1] * MULTI_BLOCK_SIZE[2]
     assert triton.cdiv(n, BLOCK) == 3 and n % BLOCK != 0
@@ -150,3 +153,30 @@ def test_half_velocity_integrates_in_float32(rng, oracle, triton_device):
     assert out.dtype == torch.float32
     expected = _oracle_integrate(oracle, velocity.half().double(), 7)
     assert oracle.rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_scaled_first_squaring_matches_float64_oracle(rng, oracle, triton_device, dtype, tol):
+    # the launch that folds the scaling in: s v + warp(s v, s v), s = 2**-steps
+    scale = 2.0 ** -int(torch.randint(1, 8, (1,), generator=rng))
+    velocity = 20.0 * torch.randn(2, 3, *oracle.size(rng), generator=rng, dtype=torch.float64)
+    got = warp_forward(velocity.to(triton_device, dtype), velocity.to(triton_device, dtype), residual=True, scale=scale)
+    u = scale * velocity.to(dtype).double()
+    err = oracle.rel_err(got.cpu(), u + oracle.warp(u, u))
+    assert err < tol, f"scale {scale}: max relative error {err:.2e}"
+
+
+def test_scaled_squaring_step_gradient_passes_gradcheck_on_triton(rng, triton_device):
+    velocity = (6.0 * torch.randn(1, 3, 3, 4, 5, generator=rng, dtype=torch.float64)).to(triton_device)
+    assert torch.autograd.gradcheck(lambda v: SquaringStep.apply(v, 0.25), (velocity.requires_grad_(),))
+
+
+@pytest.mark.parametrize("steps", [1, 7])
+def test_integration_is_one_launch_per_step_forward_and_one_backward(rng, triton_device, steps):
+    velocity = torch.randn(1, 3, 4, 5, 6, generator=rng).to(triton_device).requires_grad_()
+    _dispatch.launches.clear()
+    u = integrate(velocity, steps=steps, backend="triton")
+    assert _dispatch.launches == {"_warp_forward_kernel": steps}
+    _dispatch.launches.clear()
+    u.sum().backward()
+    assert _dispatch.launches == {"_warp_backward_kernel": steps}

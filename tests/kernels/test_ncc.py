@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lumireg.kernels._dispatch import LAUNCH
 from lumireg.kernels.ncc import local_ncc
 
 
@@ -190,14 +191,14 @@ def test_triton_accepts_half_inputs_close_to_float32(rng, triton_device, dtype):
     assert err < tol, f"{dtype}: relative error {err:.2e} against float32 inputs, tolerance {tol:.1e}"
 
 
-# BLOCK = 1024 voxels per program along grid axis 0 (one plane b * C + c per grid axis 1): 11 * 13 * 17
+# LAUNCH[...].block = 1024 voxels per program along grid axis 0 (one plane b * C + c per grid axis 1): 11 * 13 * 17
 # = 2431 voxels are 3 programs, the last one partial, and the D sweep (stride 13 * 17) reads across
 # program boundaries. One plane keeps the interpreter to a few seconds; CASES cover several planes.
 MULTI_BLOCK_SHAPE = (1, 1, 11, 13, 17)
 
 
 def test_multi_block_shape_spans_three_programs_the_last_partial():
-    from lumireg.kernels.ncc import BLOCK
+    BLOCK = LAUNCH["local_ncc"].block
 
     n = MULTI_BLOCK_SHAPE[2] * MULTI_BLOCK_SHAPE[3] * MULTI_BLOCK_SHAPE[4]
     assert triton.cdiv(n, BLOCK) == 3 and n % BLOCK != 0

@@ -5,6 +5,7 @@ import torch
 import triton
 
 from lumireg.kernels import warp
+from lumireg.kernels._dispatch import LAUNCH
 from lumireg.kernels.warp import warp_torch
 
 BACKENDS = ["triton", "torch"]
@@ -126,13 +127,13 @@ def test_half_precision_image_is_accepted_and_accurate(rng, oracle, triton_devic
     assert worst <= 1, f"{dtype}: an element is off by {worst:.2f} x (eps {tol:.1e} of it + float32 slack)"
 
 
-# BLOCK = 1024 voxels per program along grid axis 0 (one sample per grid axis 1): 12 * 14 * 16 = 2688
+# LAUNCH[...].block = 1024 voxels per program along grid axis 0 (one sample per grid axis 1): 12 * 14 * 16 = 2688
 # voxels are 3 programs, the last one partial; displacements of a few voxels sample across programs.
 MULTI_BLOCK_SIZE = (12, 14, 16)
 
 
 def test_multi_block_size_spans_three_programs_the_last_partial():
-    from lumireg.kernels.warp import BLOCK
+    BLOCK = LAUNCH["warp"].block
 
     n = MULTI_BLOCK_SIZE[0] * MULTI_BLOCK_SIZE[1] * MULTI_BLOCK_SIZE[2]
     assert triton.cdiv(n, BLOCK) == 3 and n % BLOCK != 0

@@ -62,8 +62,15 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert resumed["step"] == 4
     assert resumed["training"]["from_step"] == 2
     assert [c["from_step"] for c in resumed["training"]["earlier_commands"]] == [0]
-    for name, value in straight["model"].items():
-        assert torch.allclose(resumed["model"][name], value, atol=1e-6), name
+    if not torch.cuda.is_available():
+        for name, value in straight["model"].items():
+            assert torch.allclose(resumed["model"][name], value, atol=1e-6), name
+        return
+    # On a GPU the kernels' atomic adds (and cuDNN's) let gradients differ in their last bits between runs; Adam
+    # turns that into up to about lr per step only where a gradient is near 0. A resume that lost state moves all.
+    got, want = (torch.cat([run["model"][name].flatten() for name in straight["model"]]) for run in (resumed, straight))
+    off = ~torch.isclose(got, want, atol=1e-6)
+    assert off.float().mean() <= 0.01 and (got - want).abs().max() <= 2 * TrainConfig().lr, f"{off.sum()} weights off"
 
 
 def test_resume_from_weights_only_file_is_refused(tmp_path):
