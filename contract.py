@@ -204,12 +204,15 @@ PARAMETERS: dict[str, Parameter] = {
         "refinement's similarity: ncc (local NCC, same contrast) or mi (mutual information, across contrasts)",
         choices=("ncc", "mi"),
     ),
+    # default auto: on the held-out T1/T2 pairs the network alone scored Dice 0.23, below no registration (0.49),
+    # and with the map 0.72; every same-contrast held-out pair is told apart from them (README, "Other contrasts")
     "contrast": Parameter(
         str,
-        "same",
-        "same, or other for images of different contrasts (T1 and T2, FLAIR): the moving image's intensities "
-        "are mapped to the fixed image's contrast by the pair's joint histogram before the network",
-        choices=("same", "other"),
+        "auto",
+        "same, or other for images of different contrasts (T1 and T2): the moving image's intensities are mapped "
+        "to the fixed image's contrast by the pair's joint histogram before the network; auto: other where the "
+        "two images' brain intensities correlate negatively (below 0.1), else same",
+        choices=("auto", "same", "other"),
     ),
     # default none: on pre-aligned (LUMIR) pairs affine lowered Dice by 0.003 and costs a CPU pair seconds; the
     # client asks for affine for every image that did not arrive on LUMIR's canvas (README, "Scans in scanner pose")
@@ -225,6 +228,7 @@ PARAMETERS: dict[str, Parameter] = {
 
 DEFAULT_PASSES = PARAMETERS["passes"].default
 DEFAULT_COARSE = PARAMETERS["coarse"].default
+DEFAULT_CONTRAST = PARAMETERS["contrast"].default
 
 
 def request_parameters(given: dict) -> dict:

@@ -418,7 +418,8 @@ class RegistrationClient:
             similarity: refinement's similarity, ``"ncc"`` (same contrast) or ``"mi"``
                 (across contrasts); None: the server's default.
             contrast: ``"same"``, or ``"other"`` when the two images have different contrasts
-                (T1 and T2, FLAIR); None: the server's default.
+                (T1 and T2, FLAIR), or ``"auto"`` (the server tells T1 against T2 apart by the images'
+                brain intensity correlation); None: the server's default (auto).
             align: affine pre-alignment on the server, ``"none"``, ``"rigid"`` or ``"affine"``; None:
                 ``"affine"`` when either image did not arrive on LUMIR's canvas (not uint8 of exactly
                 160 x 224 x 192: it may sit in scanner pose), else the server's default (none).

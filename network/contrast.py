@@ -11,16 +11,63 @@ estimates that map (a 256-entry look-up table per pair) from the voxels where
 either image is nonzero, smoothed over neighbouring intensities so sparse
 bins do not jump; background (0) stays 0.
 
+Which pairs need it (request parameter ``contrast=auto``, :func:`decide`): the
+Pearson correlation of the two images' intensities over the voxels where both
+are nonzero. Brains of one contrast correlate positively even before
+registration (0.44 to 0.69 on 16 held-out pairs of two generators, none
+aligned), T1 against T2 negatively (-0.26 to -0.58 on 8 pairs): white matter
+is bright in one and dark in the other, over most of the brain. A pair below
+:data:`OTHER_CONTRAST_BELOW` is taken as two contrasts. Contrasts that keep
+the order of most tissues (FLAIR against T1: CSF dark in both) correlate
+positively and are taken as one; the QC's ``similarity_decreased`` warns where
+that registers badly, and ``contrast=other`` asks for the map.
+
 Conventions: images ``uint8 (B, 1, D, H, W)`` (LUMIR intensities).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 LEVELS = 256
 SMOOTH_LEVELS = 2.0  # Gaussian sigma of the map's smoothing, in intensity levels
+OTHER_CONTRAST_BELOW = 0.1  # brain intensity correlation under which contrast=auto maps the contrast
+
+
+def brain_correlation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float64 Pearson correlation of ``fixed`` and ``moving`` (``(B, 1, D, H, W)``, any real dtype) over
+    the voxels where both are nonzero, on every fourth voxel along each axis (1/64 of them: on held-out LUMIR-size
+    pairs the estimate moved by under 0.01); NaN where fewer than two such voxels or either is constant there."""
+    f, m = (image[:, 0, ::4, ::4, ::4].float() for image in (fixed, moving))
+    both = ((f != 0) & (m != 0)).float()
+    n = both.sum((1, 2, 3)).double()
+    sums = [(x * both).sum((1, 2, 3)).double() for x in (f, m, f * f, m * m, f * m)]
+    sf, sm, sff, smm, sfm = sums
+    covariance = sfm - sf * sm / n
+    norm = ((sff - sf * sf / n) * (smm - sm * sm / n)).sqrt()
+    return torch.where((n >= 2) & (norm > 0), covariance / norm, torch.nan).cpu()
+
+
+def decide(fixed: torch.Tensor, moving: torch.Tensor, requested: str) -> list[dict]:
+    """Per pair, the contrast handling to run for request parameter ``contrast`` = ``requested``.
+
+    Returns:
+        ``{"requested", "used", "brain_correlation"}`` per pair: ``used`` is ``requested`` unless that is
+        ``"auto"``, then ``"other"`` where :func:`brain_correlation` is below :data:`OTHER_CONTRAST_BELOW`,
+        else ``"same"`` (also where the correlation is undefined: an empty or constant image is no evidence of
+        another contrast); ``brain_correlation`` is None there.
+    """
+    correlation = brain_correlation(fixed, moving).tolist()
+    used = [
+        requested if requested != "auto" else ("other" if r < OTHER_CONTRAST_BELOW else "same") for r in correlation
+    ]
+    return [
+        {"requested": requested, "used": u, "brain_correlation": None if math.isnan(r) else round(r, 4)}
+        for u, r in zip(used, correlation)
+    ]
 
 
 def intensity_map(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,20 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from lumireg.contract import CHECKPOINT_FILE, DEFAULT_COARSE, DEFAULT_PASSES, INTEGRATION_STEPS, OUTPUT_NAMES
+from lumireg.contract import (
+    CHECKPOINT_FILE,
+    DEFAULT_COARSE,
+    DEFAULT_CONTRAST,
+    DEFAULT_PASSES,
+    INTEGRATION_STEPS,
+    OUTPUT_NAMES,
+)
 from lumireg.kernels import warp
 from lumireg.network.align import compose_inverse, compose_with
 from lumireg.network.align import estimate as estimate_alignment
 from lumireg.network.align import resample as resample_aligned
 from lumireg.network.cascade import cascade, cascade_inverse, resample_like
-from lumireg.network.contrast import apply_map, intensity_map
+from lumireg.network.contrast import apply_map, decide, intensity_map
 from lumireg.network.refine import refine as refine_velocity
 from lumireg.service.quality import quality_report, with_alignment
 
@@ -75,6 +82,7 @@ class Transform(NamedTuple):
         alignment: the alignment's report per pair (:func:`lumireg.network.align.estimate`; its matrix makes the
             inverse, its fields go into the QC report); None when ``align`` was ``"none"``.
         coarse: how many of ``velocities`` (the first) are coarse passes.
+        contrast: per pair, the contrast handling asked for and run (:func:`lumireg.network.contrast.decide`).
     """
 
     displacement: torch.Tensor
@@ -82,6 +90,7 @@ class Transform(NamedTuple):
     refinement: list[dict] | None
     alignment: list[dict] | None
     coarse: int = 0
+    contrast: list[dict] | None = None
 
 
 def transform(
@@ -94,7 +103,7 @@ def transform(
     refine: int = 0,
     similarity: str = "ncc",
     align: str = "none",
-    contrast: str = "same",
+    contrast: str = DEFAULT_CONTRAST,
     steps: int = INTEGRATION_STEPS,
     timer: StageTimer | None = None,
 ) -> Transform:
@@ -112,7 +121,8 @@ def transform(
             (:func:`lumireg.network.align.estimate`), the passes run on the aligned pair, and the displacement
             returned is the whole transform (the network's, then the affine).
         contrast: ``"same"``, or ``"other"`` for images of different contrasts: the network sees the
-            moving image mapped to the fixed image's contrast (:func:`match_contrast`).
+            moving image mapped to the fixed image's contrast (:func:`match_contrast`); ``"auto"``: ``"other"``
+            for the pairs :func:`lumireg.network.contrast.decide` finds of two contrasts (after the alignment).
         timer: collects seconds in ``network`` (the network's calls), ``refine``, ``align`` and ``integrate``
             (the rest).
 
@@ -139,8 +149,11 @@ def transform(
             matrix, aligned = estimate_alignment(fixed, moving, align, similarity)
             moving = resample_aligned(moving, matrix)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
-    if contrast == "other":
-        moving = match_contrast(timed_network, fixed, moving, steps)
+    decisions = decide(fixed, moving, contrast)
+    other = [b for b, decision in enumerate(decisions) if decision["used"] == "other"]
+    if other:
+        moving = moving.clone()
+        moving[other] = match_contrast(timed_network, fixed[other], moving[other], steps)
     displacement, velocities = cascade(
         timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None, coarse=coarse
     )
@@ -150,7 +163,7 @@ def transform(
         torch.cuda.synchronize(device)
     inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
     timer.add("integrate", time.perf_counter() - start - inside)
-    return Transform(displacement, velocities, reports or None, aligned, coarse)
+    return Transform(displacement, velocities, reports or None, aligned, coarse, decisions)
 
 
 def match_contrast(network, fixed: torch.Tensor, moving: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
@@ -176,6 +189,7 @@ def postprocess(
     moving_labels: torch.Tensor | None = None,
     refinement: list[dict] | None = None,
     alignment: list[dict] | None = None,
+    contrast: list[dict] | None = None,
     coarse: int = 0,
     steps: int = INTEGRATION_STEPS,
     model: str = "lumireg",
@@ -192,6 +206,8 @@ def postprocess(
         refinement: :func:`transform`'s refinement reports for these pairs, for the QC report (None: none ran).
         alignment: :func:`transform`'s alignment reports for these pairs (None: none ran): their matrices make
             the inverse (the affine's inverse, then the passes'), their fields go into the QC report.
+        contrast: :func:`transform`'s contrast decisions for these pairs (:attr:`Transform.contrast`), reported in
+            the QC as ``contrast``.
         coarse: how many of ``velocities`` are coarse passes (:attr:`Transform.coarse`), for the QC report.
         steps: scaling-and-squaring steps (the network's).
         model: the weights' name for the QC report.
@@ -235,6 +251,8 @@ def postprocess(
             )
             if alignment:
                 reports = [with_alignment(report, a) for report, a in zip(reports, alignment)]
+            if contrast:
+                reports = [{**report, "contrast": c} for report, c in zip(reports, contrast)]
             out["qc"] = [json.dumps(report) for report in reports]
     return out
 
@@ -285,7 +303,7 @@ def register_in_process(
     coarse: int = DEFAULT_COARSE,
     refine: int = 0,
     similarity: str = "ncc",
-    contrast: str = "same",
+    contrast: str = DEFAULT_CONTRAST,
     align: str = "none",
     moving_labels: np.ndarray | None = None,
     device: str = "cpu",
@@ -332,6 +350,7 @@ def register_in_process(
         moving_labels=as_tensor(moving_labels),
         refinement=found.refinement,
         alignment=found.alignment,
+        contrast=found.contrast,
         coarse=found.coarse,
         steps=steps,
         model=model,

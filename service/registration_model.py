@@ -176,6 +176,7 @@ class TritonPythonModel:
                     moving_labels=labels,
                     refinement=found.refinement and found.refinement[rows],
                     alignment=found.alignment and found.alignment[rows],
+                    contrast=found.contrast[rows],
                     coarse=found.coarse,
                     steps=self.steps,
                     model=self.weights,

@@ -116,14 +116,20 @@ def test_a_t1_t2_pair_the_network_makes_worse_is_flagged():
             return graph(fixed, moving)
 
     fixed, moving = canvas.image[None, None].copy(), _render(canvas.labels, T2_LIKE)
-    out = register_in_process(network, fixed, moving, ["displacement", "qc"])
-    report = json.loads(out["qc"][0])
-    warped_labels = warp(
-        torch.from_numpy(canvas.labels[None, None].astype(np.float32)), out["displacement"], mode="nearest"
-    )
-    assert np.nanmean(dice(canvas.labels, warped_labels[0, 0].numpy(), sorted(LABELS))) < 0.8  # made worse
+
+    def registered(contrast: str) -> tuple[float, dict]:
+        out = register_in_process(network, fixed, moving, ["displacement", "qc"], contrast=contrast)
+        warped = warp(torch.from_numpy(canvas.labels[None, None].astype(np.float32)), out["displacement"], "nearest")
+        return np.nanmean(dice(canvas.labels, warped[0, 0].numpy(), sorted(LABELS))), json.loads(out["qc"][0])
+
+    made_worse, report = registered("same")  # told the contrasts are alike, the network matches unlike tissues
+    assert made_worse < 0.8
     assert "similarity_decreased" in codes(report)
     assert report["mi_after"] < (1 - quality.MI_DROP) * report["mi_before"]
+    # by default (contrast=auto) the server sees the two contrasts, maps them, and does no such harm
+    kept, report = registered("auto")
+    assert report["contrast"]["used"] == "other" and "similarity_decreased" not in codes(report)
+    assert kept > made_worse + 0.1, (kept, made_worse)
 
 
 def test_a_same_contrast_pair_that_registers_well_has_no_warning(pair, in_process):
