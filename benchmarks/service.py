@@ -151,16 +151,16 @@ def measure(
     }
 
 
-def measure_in_process(device: str, requests: int, warmup: int, images: dict) -> dict:
-    """The served computation called directly (the network as the server runs it + post-processing), batch 1,
-    float16 field."""
+def measure_in_process(device: str, requests: int, warmup: int, images: dict, batch: int = 1) -> dict:
+    """The served computation called directly (the network as the server runs it + post-processing) on ``batch``
+    pairs at once, float16 field."""
     import torch
 
     from lumireg.export.repository import SOURCE_REPOSITORY, network_path
     from lumireg.service.pipeline import network_runner, register_in_process
 
     network = network_runner(network_path(SOURCE_REPOSITORY), torch.device(device))
-    pair = {name: images[name][:1] for name in ("fixed", "moving")}
+    pair = {name: images[name][:batch] for name in ("fixed", "moving")}
 
     def once():
         out = register_in_process(network, pair["fixed"], pair["moving"], ["displacement_fp16"], device=device)
@@ -176,13 +176,13 @@ def measure_in_process(device: str, requests: int, warmup: int, images: dict) ->
     return {
         "transport": "in-process",
         "outputs": "displacement_fp16",
-        "batch": 1,
+        "batch": batch,
         "concurrency": 1,
         "requests": requests,
-        "pairs": requests,
+        "pairs": requests * batch,
         "wall_s": sum(latencies),
         **latency_summary(latencies),
-        "pairs_per_s": requests / sum(latencies),
+        "pairs_per_s": requests * batch / sum(latencies),
         "bytes_in_per_pair": 0,
         "bytes_out_per_pair": 0,
         "server": None,
