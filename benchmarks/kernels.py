@@ -18,8 +18,17 @@ Each op is first checked against its reference on the same inputs (output, and
 gradients for the same upstream gradient); a mismatch fails the run. Times are
 medians in milliseconds: CUDA events on a GPU (L2 flushed before each call),
 ``time.perf_counter`` on CPU, where "ours" is the op's PyTorch twin (path
-``torch-twin``: the Triton kernels need a GPU). Results: a table on the
+``torch-twin``: the Triton kernels need a GPU). On the Triton path each row
+also counts the kernel launches of one call. Results: a table on the
 terminal and ``<out>/<device-slug>/kernels.json``.
+
+``--sweep-blocks`` (GPU only) then times each op, B = 1, over voxels per
+program x warps per program (:data:`SWEEP_BLOCKS` x :data:`SWEEP_WARPS`; the
+sizes ``lumireg.kernels._dispatch.LAUNCH`` holds), checks every size against
+the reference and writes the fastest correct forward + backward per op under
+``"sweep"``. Not ``triton.autotune``: the warp backward's atomics would add
+twice into the same gradient while it tried sizes, and NCC's partial sums are
+a buffer sized from the block.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from tqdm import tqdm
 import lumireg.kernels as kernels
 from lumireg.benchmarks.machine import device_name, header, slug
 from lumireg.contract import EXIT_FAILURE, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
+from lumireg.kernels import _dispatch
 from lumireg.kernels._dispatch import use_triton
 
 OPS = ("warp", "integrate", "local_ncc", "mutual_information")
@@ -59,6 +69,9 @@ DEFAULTS = {
     "cuda": {"shape": "160,224,192", "batch_sizes": "1,4", "warmup": 3, "repeats": 10},
     "cpu": {"shape": "80,112,96", "batch_sizes": "1", "warmup": 1, "repeats": 3},
 }
+# --sweep-blocks: voxels per program x warps per program; MI holds a BLOCK x bins tile per program in registers
+SWEEP_BLOCKS = {op: (256, 512, 1024, 2048) for op in OPS} | {"mutual_information": (32, 64, 128, 256)}
+SWEEP_WARPS = (2, 4, 8)
 REFERENCES = {
     "warp": "grid_sample + stored grid",
     "integrate": f"VecInt ({STEPS}x grid_sample + grid)",
@@ -190,6 +203,13 @@ def _compare(ours, ref):
     return max_abs, bad / total
 
 
+def _launch_count(fn) -> int:
+    """Triton kernel launches made by ``fn()`` (0 on the twins)."""
+    _dispatch.launches.clear()
+    fn()
+    return sum(_dispatch.launches.values())
+
+
 def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
     """Median wall time of ``fn()`` in milliseconds after ``warmup`` untimed calls."""
     for _ in range(warmup):
@@ -211,6 +231,20 @@ def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _pass_call(fn, inputs, grad_idx, grad_out, pass_):
+    """``() -> None`` running ``fn`` forward without autograd (``pass_ == "fwd"``) or forward + backward."""
+    if pass_ == "fwd":
+
+        def call():
+            with torch.no_grad():
+                fn(*inputs)
+
+        return call
+    leaves = [t.detach().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+    wrt = [leaves[i] for i in grad_idx]
+    return lambda: torch.autograd.grad(fn(*leaves), wrt, grad_out)
 
 
 def _run_case(op, shape, batch, device, args) -> list[dict]:
@@ -236,21 +270,12 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
         row.update(max_abs_diff=max_abs, mismatch_fraction=mismatch, check="ok" if mismatch <= allowed else "FAIL")
     del ref_out, ref_grads, our_out, our_grads
 
-    leaves = [t.detach().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
-    wrt = [leaves[i] for i in grad_idx]
     voxels = batch * shape[0] * shape[1] * shape[2]
     for row in rows:
+        if row["path"] == "triton":
+            row["launches"] = _launch_count(_pass_call(ours, inputs, grad_idx, grad_out, row["pass"]))
         for side, fn in (("ours", ours), ("ref", ref)):
-            if row["pass"] == "fwd":
-
-                def call(fn=fn):
-                    with torch.no_grad():
-                        fn(*inputs)
-            else:
-
-                def call(fn=fn):
-                    torch.autograd.grad(fn(*leaves), wrt, grad_out)
-
+            call = _pass_call(fn, inputs, grad_idx, grad_out, row["pass"])
             row[f"{side}_ms"] = _median_ms(call, args.warmup, args.repeats, cuda)
         row["speedup"] = row["ref_ms"] / row["ours_ms"]
         per_voxel = MIN_BYTES_PER_VOXEL.get((op, row["pass"]))
@@ -258,6 +283,40 @@ def _run_case(op, shape, batch, device, args) -> list[dict]:
             row["ours_TBps"] = per_voxel * voxels / (row["ours_ms"] * 1e-3) / 1e12
             row["floor_ms_h100"] = per_voxel * voxels / H100_BYTES_PER_S * 1e3
     return rows
+
+
+def _sweep_op(op, shape, device, args) -> dict:
+    """Time ``op`` at B = 1 for every launch size of :data:`SWEEP_BLOCKS` x :data:`SWEEP_WARPS`.
+
+    Each size is checked against the reference first (a wrong result is ``"check": "FAIL"``; one
+    that does not compile or launch is recorded with its error). Returns the sizes, their medians
+    (ms) and ``best``: the correct size with the fastest forward + backward, or ``None``.
+    """
+    gen = torch.Generator().manual_seed(1000 * OPS.index(op) + 1)
+    inputs, grad_idx, like, ours, ref = _setup(op, shape, 1, device, gen)
+    grad_out = torch.randn(like.shape, generator=gen).to(device)
+    ref_out, ref_grads = _forward_backward(ref, inputs, grad_idx, grad_out)
+    default, cuda, configs = _dispatch.LAUNCH[op], device.type == "cuda", []
+    try:
+        for block in SWEEP_BLOCKS[op]:
+            for warps in SWEEP_WARPS:
+                config = {"block": block, "num_warps": warps}
+                _dispatch.LAUNCH[op] = _dispatch.Launch(block, warps)
+                try:
+                    out, grads = _forward_backward(ours, inputs, grad_idx, grad_out)
+                    ok = _compare([out], [ref_out])[1] == 0 and _compare(grads, ref_grads)[1] <= GRAD_MISMATCH
+                    config["check"] = "ok" if ok else "FAIL"
+                    for p in ("fwd", "fwd+bwd"):
+                        call = _pass_call(ours, inputs, grad_idx, grad_out, p)
+                        config[f"{p}_ms"] = _median_ms(call, args.warmup, args.repeats, cuda)
+                except Exception as exc:  # a size that does not fit (registers, shared memory) is no result
+                    config["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                configs.append(config)
+    finally:
+        _dispatch.LAUNCH[op] = default
+    ok = [c for c in configs if c.get("check") == "ok"]
+    best = min(ok, key=lambda c: c["fwd+bwd_ms"]) if ok else None
+    return {"default": default._asdict(), "best": best, "configs": configs}
 
 
 def _print_table(rows, cuda: bool) -> None:
@@ -280,6 +339,18 @@ def _print_table(rows, cuda: bool) -> None:
         print(line)
 
 
+def _print_sweep(sweep: dict) -> None:
+    """Per op: the fastest correct launch size and the default one, forward + backward medians (ms)."""
+    print(f"\n{'op':<18} {'best BLOCK x warps':>18} {'fwd+bwd ms':>10} {'default':>10} {'fwd+bwd ms':>10}")
+    for op, found in sweep.items():
+        ms = {(c["block"], c["num_warps"]): c.get("fwd+bwd_ms", float("nan")) for c in found["configs"]}
+        best, default = found["best"], tuple(found["default"].values())
+        size = f"{best['block']} x {best['num_warps']}" if best else "none correct"
+        best_ms = best["fwd+bwd_ms"] if best else float("nan")
+        default_ms = ms.get(default, float("nan"))
+        print(f"{op:<18} {size:>18} {best_ms:>10.3f} {f'{default[0]} x {default[1]}':>10} {default_ms:>10.3f}")
+
+
 def add_arguments(parser) -> None:
     """``lumireg bench kernels``'s options; those left unset take the device's :data:`DEFAULTS`."""
     gpu, cpu = DEFAULTS["cuda"], DEFAULTS["cpu"]
@@ -296,6 +367,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, help=f"untimed calls before timing {default('warmup')}")
     parser.add_argument("--repeats", type=int, help=f"timed calls; the median is reported {default('repeats')}")
     parser.add_argument(
+        "--sweep-blocks",
+        action="store_true",
+        help="GPU only: also time each op over BLOCK x num_warps and write the fastest to the results",
+    )
+    parser.add_argument(
         "--out",
         default="benchmarks/results",
         help="folder for the results, a sub-folder per device (default: benchmarks/results)",
@@ -304,11 +380,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """``lumireg bench kernels``: EXIT_OK if every op ran and matched its reference, else EXIT_FAILURE;
-    EXIT_USAGE for bad options, EXIT_MISSING_DEPENDENCY for ``--device cuda`` without a GPU.
+    EXIT_USAGE for bad options, EXIT_MISSING_DEPENDENCY for ``--device cuda`` or ``--sweep-blocks``
+    without a GPU (the sweep times Triton launch sizes; the interpreter's times say nothing of them).
 
     Uses ``args.shape`` ("D,H,W", voxels), ``args.batch_sizes`` ("1,4"),
     ``args.warmup`` / ``args.repeats`` (calls), ``args.device`` ("auto", "cuda"
-    or "cpu") and ``args.out`` (results folder; one sub-folder per device).
+    or "cpu"), ``args.sweep_blocks`` and ``args.out`` (results folder; one sub-folder per device).
     Options that are ``None`` take the device's ``DEFAULTS``.
     """
     if args.device not in ("auto", "cuda", "cpu"):
@@ -318,6 +395,10 @@ def run(args) -> int:
         print("lumireg bench kernels: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    sweep_blocks = getattr(args, "sweep_blocks", False)
+    if sweep_blocks and not cuda:
+        print("lumireg bench kernels: --sweep-blocks times the Triton kernels and needs a GPU", file=sys.stderr)
+        return EXIT_MISSING_DEPENDENCY
     for name, value in DEFAULTS["cuda" if cuda else "cpu"].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -366,6 +447,11 @@ def run(args) -> int:
         f"after {args.warmup} warm-up; speed-up = ref ms / ours ms"
     )
     _print_table(rows, cuda)
+    sweep = {}
+    if sweep_blocks:
+        for op in tqdm(OPS, desc="sweep", unit="op"):
+            sweep[op] = _sweep_op(op, shape, device, args)
+        _print_sweep(sweep)
     result = {
         **header("kernels", device_label),
         "shape": list(shape),
@@ -374,8 +460,15 @@ def run(args) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "batch_sizes": batches,
-        "units": {"*_ms": "milliseconds, median", "shape": "voxels", "ours_TBps": "1e12 bytes/s of the fewest bytes"},
+        "units": {
+            "*_ms": "milliseconds, median",
+            "shape": "voxels",
+            "ours_TBps": "1e12 bytes/s of the fewest bytes",
+            "launches": "Triton kernel launches per call",
+            "block": "voxels per program",
+        },
         "rows": rows,
+        **({"sweep": sweep} if sweep else {}),
     }
     path = Path(args.out) / slug(device_label) / "kernels.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,4 +482,7 @@ def run(args) -> int:
             f"than {RTOL:.0e} x its largest magnitude (max |diff| {r['max_abs_diff']:.2e})"
         )
         print(f"FAILED: {r['op']} {r['pass']} B={r['batch']}: {why}", file=sys.stderr)
-    return EXIT_FAILURE if failed else EXIT_OK
+    wrong = [(op, c) for op, found in sweep.items() for c in found["configs"] if c.get("check") == "FAIL"]
+    for op, c in wrong:
+        print(f"FAILED: {op} at BLOCK {c['block']}, {c['num_warps']} warps differs from the reference", file=sys.stderr)
+    return EXIT_FAILURE if failed or wrong else EXIT_OK

@@ -120,3 +120,51 @@ def test_every_launch_runs_inside_the_device_guard_sized_from_its_ops_entry(monk
         assert {(block, warps) for _, _, block, warps in launched} == {OTHER_SIZES[op]}, op
         names |= {name for name, *_ in launched}
     assert names == KERNELS
+
+
+# `lumireg bench kernels --sweep-blocks` times the LAUNCH alternatives (its other tests: tests/benchmarks)
+
+
+def test_block_sweep_on_a_host_without_gpu_says_it_needs_one(tmp_path, monkeypatch, capsys):
+    from lumireg.benchmarks import kernels as bench
+    from lumireg.cli import build_parser
+    from lumireg.contract import EXIT_MISSING_DEPENDENCY
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    args = build_parser().parse_args(["bench", "kernels", "--sweep-blocks", "--out", str(tmp_path)])
+    assert args.func(args) == EXIT_MISSING_DEPENDENCY
+    assert "needs a GPU" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_block_sweep_checks_and_times_every_size_and_keeps_the_default(monkeypatch):
+    import functools
+    import types
+
+    from lumireg.benchmarks import kernels as bench
+
+    # the Triton path under the interpreter, timed by a stand-in clock that prefers 512 voxels x 8 warps
+    monkeypatch.setattr(bench, "kernels", types.SimpleNamespace(warp=functools.partial(warp, backend="triton")))
+    clock = {(512, 8): 1.0}
+    monkeypatch.setattr(bench, "_median_ms", lambda *_: clock.get(tuple(_dispatch.LAUNCH["warp"]), 2.0))
+    default = _dispatch.LAUNCH["warp"]
+    found = bench._sweep_op("warp", (6, 7, 8), torch.device("cpu"), types.SimpleNamespace(warmup=0, repeats=1))
+    sizes = [(c["block"], c["num_warps"]) for c in found["configs"]]
+    assert sizes == [(b, w) for b in bench.SWEEP_BLOCKS["warp"] for w in bench.SWEEP_WARPS]
+    assert all(c["check"] == "ok" for c in found["configs"]), found["configs"]
+    assert found["best"] == {"block": 512, "num_warps": 8, "check": "ok", "fwd_ms": 1.0, "fwd+bwd_ms": 1.0}
+    assert _dispatch.LAUNCH["warp"] is default and found["default"] == default._asdict()
+
+
+def test_kernel_benchmark_reports_seven_launches_forward_and_fourteen_forward_backward_for_integrate(monkeypatch):
+    import functools
+    import types
+
+    from lumireg.benchmarks import kernels as bench
+
+    monkeypatch.setattr(
+        bench, "kernels", types.SimpleNamespace(integrate=functools.partial(integrate, backend="triton"))
+    )
+    monkeypatch.setattr(bench, "use_triton", lambda backend, tensor: True)
+    monkeypatch.setattr(bench, "_median_ms", lambda *_: 1.0)
+    rows = bench._run_case("integrate", (6, 7, 8), 1, torch.device("cpu"), types.SimpleNamespace(warmup=0, repeats=1))
+    assert [(r["pass"], r["launches"], r["check"]) for r in rows] == [("fwd", 7, "ok"), ("fwd+bwd", 14, "ok")]
