@@ -13,7 +13,33 @@ a float32 ``fixed`` image, which the server must refuse (to test alerting).
 Every request in flight holds its ~14 MB payload, so R far above the server's
 throughput for long runs costs client memory.
 
-Results: a summary on the terminal, ``load.json`` and ``load.png`` in ``<out>/<device>/``.
+Server memory (``memory`` in the results): when the server is a tritonserver
+of this host (the embedded one, or ``--url`` on a loopback address whose
+gRPC port a local tritonserver listens on), the summed PSS (proportional set
+size, ``Pss`` of ``/proc/<pid>/smaps_rollup``: shared pages such as the
+stubs' ``/dev/shm`` regions split among the processes mapping them; ``VmRSS``
+of ``/proc/<pid>/status`` where smaps_rollup is missing) of tritonserver and
+its python-backend stubs, sampled every ``min(5 s, duration / 20)`` (at least
+0.1 s) from the first send until the last answer. Warm-up is the first
+:data:`WARMUP_FRACTION` of the sending time; the windows compared are
+``max(`` :data:`WINDOW_FRACTION` ``x duration, interval)`` wide: growth (%)
+= 100 x (mean of the samples in the last window of the sending time - mean
+of those in the window ending at warm-up) / the latter. A server on another
+host: memory not measured.
+
+Shared memory (``shared_memory``): the names in ``/dev/shm`` before the
+embedded server started and after it stopped (for ``--url``: before and
+after the run, the server still running); ``new`` ones mapped by a live
+process (``/proc/*/maps``) are ``in_use``, the others ``leaked``. The load
+test itself sends tensors in the gRPC messages, no client regions.
+
+``checks``: no failed request, growth below :data:`MAX_GROWTH_PERCENT` (None
+when not measured), no leaked region; ``verdict``: "pass" unless a check is
+False. ``--soak`` writes ``soak.json`` / ``soak.png`` instead and fails
+(exit 1) unless the verdict is "pass"; without it only failed requests do.
+
+Results: a summary on the terminal, ``load.json`` and ``load.png`` (plot: latency, and server memory over time
+below it) in ``<out>/<device>/``.
 """
 
 from __future__ import annotations
@@ -21,6 +47,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -50,10 +77,15 @@ from lumireg.contract import (
     EXIT_USAGE,
     OUTPUT_NAMES,
 )
-from lumireg.service.server import ServerError
+from lumireg.service.server import ServerError, is_loopback, python_stubs
 
 DRAIN_MIN_S = 60.0  # the drain timeout is max(DRAIN_MIN_S, 10 x the p99 latency so far)
 NO_ANSWER = "no answer before the drain timeout"
+WARMUP_FRACTION = 0.2  # server memory: the first 20 % of the sending time is warm-up
+WINDOW_FRACTION = 0.1  # the memory windows compared are 10 % of the sending time wide
+MAX_GROWTH_PERCENT = 5.0  # the soak's limit on memory growth after warm-up
+SHM = Path("/dev/shm")
+MEASURE = "pss" if Path("/proc/self/smaps_rollup").exists() else "rss"  # what memory_mib reads
 
 
 def _check(args) -> list[str]:
@@ -76,8 +108,124 @@ def _tensors(images: dict, bad: bool) -> list:
     return payload_inputs({**images, "fixed": images["fixed"].astype(np.float32)} if bad else images)
 
 
-def send(url: str, rate: float, duration: float, outputs: list[str], bad_every: int | None) -> list[dict]:
-    """Send ``ceil(rate x duration)`` requests open loop; one record per request (times in s from the start)."""
+def server_process(url: str) -> int | None:
+    """The pid of the tritonserver of this host whose ``--grpc-port`` is ``url``'s port (``url`` on a loopback
+    address), or None: another host, or no such process visible here."""
+    host, port = url.rsplit(":", 1)
+    if not is_loopback(host):
+        return None
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"tritonserver") and f"--grpc-port={port}".encode() in argv:
+            return int(entry)
+    return None
+
+
+def memory_mib(pid: int) -> float:
+    """PSS of process ``pid`` in MiB (its RSS where the kernel has no smaps_rollup: see :data:`MEASURE`)."""
+    path, key = (f"/proc/{pid}/smaps_rollup", "Pss:") if MEASURE == "pss" else (f"/proc/{pid}/status", "VmRSS:")
+    line = next(line for line in Path(path).read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) / 1024  # kB
+
+
+class MemorySampler:
+    """Every ``interval`` s on a thread, from :meth:`start` to :meth:`stop`: ``samples`` gets ``{"t_s": seconds
+    from ``origin``, "mib": summed :func:`memory_mib` of tritonserver ``pid`` and its live python stubs,
+    "processes": how many}`` (nothing for a tick where the server has gone)."""
+
+    def __init__(self, pid: int, interval: float):
+        self.pid, self.interval, self.samples = pid, interval, []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, origin: float) -> None:
+        """Sample from now; ``origin``: the run's start on ``time.monotonic()``."""
+        self.origin = origin
+        self._thread.start()
+
+    def _run(self) -> None:
+        tick = 0
+        while True:
+            try:
+                pids = [self.pid, *python_stubs(os.getpgid(self.pid))]
+                mib = sum(memory_mib(pid) for pid in pids)
+                self.samples.append({"t_s": time.monotonic() - self.origin, "mib": mib, "processes": len(pids)})
+            except (OSError, StopIteration):  # the server, or a stub, went between listing and reading
+                pass
+            tick += 1
+            if self._stopped.wait(max(0.0, self.origin + tick * self.interval - time.monotonic())):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def memory_summary(samples: list[dict], duration: float, interval: float) -> dict:
+    """Warm-up end, max after warm-up and growth of the server's memory (MiB, %), as the module docstring
+    defines them, with the samples."""
+    warmup, width = WARMUP_FRACTION * duration, max(WINDOW_FRACTION * duration, interval)
+
+    def mean(lo: float, hi: float) -> float | None:
+        inside = [s["mib"] for s in samples if lo <= s["t_s"] <= hi]
+        return float(np.mean(inside)) if inside else None
+
+    start, last = mean(warmup - width, warmup), mean(duration - width, duration)
+    after = [s["mib"] for s in samples if s["t_s"] > warmup]
+    return {
+        "measured": True,
+        "measure": "PSS (/proc/<pid>/smaps_rollup)" if MEASURE == "pss" else "RSS (/proc/<pid>/status VmRSS)",
+        "interval_s": interval,
+        "warmup_s": warmup,
+        "window_s": width,
+        "warmup_end_mib": start,
+        "last_window_mib": last,
+        "max_after_warmup_mib": max(after) if after else None,
+        "growth_percent": 100 * (last - start) / start if start and last is not None else None,
+        "samples": samples,
+    }
+
+
+def shm_names() -> list[str]:
+    """The names in ``/dev/shm`` now (sorted; empty where there is no ``/dev/shm``)."""
+    return sorted(os.listdir(SHM)) if SHM.is_dir() else []
+
+
+def shared_memory_report(before: list[str], after: list[str], scope: str) -> dict:
+    """``before``, ``after``, ``new`` (in after, not before), and of the new ones those mapped by a live process
+    (``in_use``) and the rest (``leaked``)."""
+    new = sorted(set(after) - set(before))
+    mapped = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")) if new else ():
+        try:
+            maps = Path(f"/proc/{entry}/maps").read_text()
+        except OSError:
+            continue
+        mapped |= {name for name in new if f"{SHM}/{name}" in maps}
+    return {
+        "scope": scope,
+        "before": before,
+        "after": after,
+        "new": new,
+        "in_use": sorted(mapped),
+        "leaked": [name for name in new if name not in mapped],
+    }
+
+
+def send(
+    url: str,
+    rate: float,
+    duration: float,
+    outputs: list[str],
+    bad_every: int | None,
+    started=lambda origin: None,
+) -> list[dict]:
+    """Send ``ceil(rate x duration)`` requests open loop; one record per request (times in s from the start).
+    ``started(origin)`` is called with the start (``time.monotonic()``) just before the first send."""
     import tritonclient.grpc as grpcclient
 
     images = sample_batch(1)
@@ -99,6 +247,7 @@ def send(url: str, rate: float, duration: float, outputs: list[str], bad_every: 
     ]
     lock, answered = threading.Condition(), [0]
     start = time.monotonic()
+    started(start)
 
     def done(i, result=None, error=None):
         with lock:
@@ -193,7 +342,11 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    memory = report["memory"]
+    if memory["measured"]:
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(2, 1))
+    else:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
     answered = [r for r in report["requests"] if r["latency_s"] is not None]
     for failed, style in (
         (False, dict(marker=".", color="tab:blue", label="succeeded")),
@@ -215,10 +368,22 @@ def _plot(report: dict, path: Path) -> None:
     ax.set(
         xlabel="send time (s from start)",
         ylabel="latency (ms)",
-        title=f"lumireg load: {report['rate_target_per_s']:g} req/s target, "
-        f"{achieved or float('nan'):.3g} achieved, {report['device']}",
+        title=f"lumireg {report['benchmark']}: {report['rate_target_per_s']:g} req/s target, "
+        f"{achieved or float('nan'):.3g} achieved, {report['failed']} failed, {report['device']}",
     )
     ax.legend()
+    if memory["measured"]:
+        below.plot([m["t_s"] for m in memory["samples"]], [m["mib"] for m in memory["samples"]], color="tab:green")
+        below.axvline(memory["warmup_s"], color="gray", linestyle=":", label="end of warm-up")
+        growth = memory["growth_percent"]
+        below.set(
+            xlabel="time (s from start)",
+            ylabel=f"server {MEASURE.upper()} (MiB)",
+            title=f"tritonserver + python stubs; growth after warm-up "
+            f"{'-' if growth is None else f'{growth:+.2f}'} %, leaked /dev/shm regions: "
+            f"{len(report['shared_memory']['leaked'])}",
+        )
+        below.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,6 +419,12 @@ def add_arguments(parser) -> None:
         help="make every N-th request invalid (checks that failures are seen and counted)",
     )
     parser.add_argument(
+        "--soak",
+        action="store_true",
+        help=f"a soak run: write soak.json / soak.png, fail unless no request failed, server memory grew less than "
+        f"{MAX_GROWTH_PERCENT:g} %% after warm-up and no /dev/shm region leaked",
+    )
+    parser.add_argument(
         "--out",
         default="benchmarks/results",
         help="folder for the results, a sub-folder per device (default: benchmarks/results)",
@@ -261,13 +432,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """``lumireg bench load``: EXIT_OK when every request succeeded, EXIT_FAILURE if any failed, EXIT_USAGE for bad
-    options, EXIT_UNAVAILABLE without a server, EXIT_MISSING_DEPENDENCY without nvidia-pytriton for the embedded one.
+    """``lumireg bench load``: EXIT_OK when every request succeeded (with ``--soak``: when the verdict is "pass"),
+    EXIT_FAILURE otherwise, EXIT_USAGE for bad options, EXIT_UNAVAILABLE without a server, EXIT_MISSING_DEPENDENCY
+    without nvidia-pytriton for the embedded one.
 
     Uses ``args.url`` (gRPC host:port, or None for the embedded server),
     ``args.metrics_url``, ``args.rate`` (requests/s), ``args.duration`` (s),
-    ``args.outputs`` (comma-separated), ``args.bad_request_every`` (N or None)
-    and ``args.out`` (results folder; one sub-folder per device).
+    ``args.outputs`` (comma-separated), ``args.bad_request_every`` (N or None),
+    ``args.soak`` (bool; absent: False) and ``args.out`` (results folder; one sub-folder per device).
     """
     try:
         outputs = _check(args)
@@ -276,11 +448,27 @@ def run(args) -> int:
         return EXIT_USAGE
     device = device_name()
     out_dir = Path(args.out) / slug(device)
+    name = "soak" if getattr(args, "soak", False) else "load"
+    interval = min(5.0, max(0.1, args.duration / 20))
+    shm_before = shm_names()
     try:
         with target(args.url, args.metrics_url, out_dir) as (url, metrics_url, what):
             print(f"load test: {args.rate:g} requests/s for {args.duration:g} s ({', '.join(outputs)}), {what}")
+            pid = server_process(url)
+            sampler = MemorySampler(pid, interval) if pid else None
             before = _scrape(metrics_url)
-            records = send(url, args.rate, args.duration, outputs, args.bad_request_every)
+            try:
+                records = send(
+                    url,
+                    args.rate,
+                    args.duration,
+                    outputs,
+                    args.bad_request_every,
+                    sampler.start if sampler else lambda origin: None,
+                )
+            finally:
+                if sampler:
+                    sampler.stop()
             after = _scrape(metrics_url, before, sum(r["error"] is None for r in records))
     except ServerError as exc:
         print(f"lumireg bench load: {exc}", file=sys.stderr)
@@ -289,9 +477,32 @@ def run(args) -> int:
         print(f"lumireg bench load: {exc}", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
     server = next((s for s in (before, after) if isinstance(s, str)), None) or server_breakdown(before, after)
+    summary = summarize(records, args.rate, args.duration)
+    memory = (
+        memory_summary(sampler.samples, args.duration, interval)
+        if sampler
+        else {"measured": False, "reason": f"no tritonserver of this host serves {url}: memory not measured"}
+    )
+    shared = shared_memory_report(
+        shm_before,
+        shm_names(),
+        "before and after the run, the server still running"
+        if args.url
+        else "before the server started, after it stopped",
+    )
+    growth = memory.get("growth_percent")
+    checks = {
+        "no_failed_requests": summary["failed"] == 0,
+        "memory_growth_below_limit": None if growth is None else growth < MAX_GROWTH_PERCENT,
+        "no_leaked_shared_memory": not shared["leaked"],
+    }
     report = {
-        **header("load", device),
-        **summarize(records, args.rate, args.duration),
+        **header(name, device),
+        **summary,
+        "verdict": "fail" if False in checks.values() else "pass",
+        "checks": checks,
+        "memory": memory,
+        "shared_memory": shared,
         "server": server,
         "target": what,
         "settings": {
@@ -301,22 +512,29 @@ def run(args) -> int:
             "duration": args.duration,
             "outputs": outputs,
             "bad_request_every": args.bad_request_every,
+            "soak": name == "soak",
+            "max_growth_percent": MAX_GROWTH_PERCENT,
+            "warmup_fraction": WARMUP_FRACTION,
+            "window_fraction": WINDOW_FRACTION,
         },
         "units": {
             "*_s": "seconds from the start (times) or seconds",
             "*_ms": "milliseconds",
             "*_per_s": "requests per second",
+            "*_mib": "MiB (2^20 bytes)",
+            "*_percent": "percent",
         },
         "requests": records,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "load.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, out_dir / "load.png")
-    _print(report, out_dir)
-    return EXIT_FAILURE if report["failed"] else EXIT_OK
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out_dir / f"{name}.png")
+    _print(report, out_dir / f"{name}.json")
+    failed = report["verdict"] == "fail" if name == "soak" else report["failed"] > 0
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
-def _print(report: dict, out_dir: Path) -> None:
+def _print(report: dict, path: Path) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     lat, achieved = report["latency"], report["rate_achieved_per_s"]
     print(
@@ -333,4 +551,20 @@ def _print(report: dict, out_dir: Path) -> None:
         )
     for kind, count in report["errors_by_type"].items():
         print(f"FAILED: {count} x {kind}: {report['error_examples'][kind]}", file=sys.stderr)
-    print(f"wrote {out_dir / 'load.json'} and load.png")
+    memory, shared = report["memory"], report["shared_memory"]
+    if memory["measured"]:
+        growth = memory["growth_percent"]
+        print(
+            f"server {memory['measure']}: {fmt(memory['warmup_end_mib'])} MiB at the end of warm-up "
+            f"({memory['warmup_s']:.0f} s), max {fmt(memory['max_after_warmup_mib'])} MiB after it, growth "
+            f"{'-' if growth is None else f'{growth:+.2f}'} % ({len(memory['samples'])} samples)"
+        )
+    else:
+        print(memory["reason"])
+    print(
+        f"/dev/shm, {shared['scope']}: {len(shared['new'])} new ({len(shared['in_use'])} in use), "
+        f"leaked: {', '.join(shared['leaked']) or 'none'}"
+    )
+    failed = [check for check, passed in report["checks"].items() if passed is False]
+    print(f"verdict: {report['verdict']} ({', '.join(failed) or 'no check failed'})")
+    print(f"wrote {path} and {path.with_suffix('.png').name}")

@@ -1,8 +1,13 @@
-"""The open-loop load test against the real embedded server: a clean run, injected bad requests, bad options."""
+"""The open-loop load test against the real embedded server: a clean run, injected bad requests, bad options,
+server memory and /dev/shm regions (the soak's checks)."""
 
 import json
+import mmap
+import uuid
 from argparse import Namespace
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lumireg.benchmarks import load
@@ -24,9 +29,9 @@ def _args(server, tmp_path, **overrides) -> Namespace:
     return Namespace(**{**settings, **overrides})
 
 
-def _report(folder) -> dict:
-    (path,) = folder.glob("**/load.json")
-    assert (path.parent / "load.png").stat().st_size > 0
+def _report(folder, name: str = "load") -> dict:
+    (path,) = folder.glob(f"**/{name}.json")
+    assert (path.parent / f"{name}.png").stat().st_size > 0
     return json.loads(path.read_text())
 
 
@@ -51,6 +56,84 @@ def test_load_run_reports_every_request(load_run, server):
     assert report["device"] and report["cpu"] and report["date"]
     assert report["versions"]["tritonclient"] and report["target"] == f"server at {server.grpc_url}"
     assert report["settings"]["rate"] == 1.0 and report["settings"]["outputs"] == ["displacement_fp16"]
+
+
+def test_load_run_samples_the_servers_memory_and_dev_shm(load_run, server):
+    report = _report(load_run.folder)
+    memory, shared = report["memory"], report["shared_memory"]
+    assert memory["measured"] and memory["measure"].startswith(("PSS", "RSS"))
+    assert memory["interval_s"] == pytest.approx(3.0 / 20) and memory["warmup_s"] == pytest.approx(0.6)
+    samples = memory["samples"]
+    span = samples[-1]["t_s"] - samples[0]["t_s"]
+    assert span >= 3.0 - 1.0 and abs(len(samples) - (span / memory["interval_s"] + 1)) <= max(3, 0.2 * len(samples))
+    assert all(s["processes"] == 1 + len(server._stubs) >= 2 for s in samples)  # tritonserver and its stubs
+    assert all(100 < s["mib"] < 64_000 for s in samples)
+    assert all(b["t_s"] > a["t_s"] for a, b in zip(samples, samples[1:]))
+
+    def mean(lo, hi):
+        return np.mean([s["mib"] for s in samples if lo <= s["t_s"] <= hi])
+
+    width = memory["window_s"]
+    start, last = mean(0.6 - width, 0.6), mean(3.0 - width, 3.0)
+    assert memory["warmup_end_mib"] == pytest.approx(start) and memory["last_window_mib"] == pytest.approx(last)
+    assert np.isfinite(memory["growth_percent"])
+    assert memory["growth_percent"] == pytest.approx(100 * (last - start) / start)
+    assert memory["max_after_warmup_mib"] == max(s["mib"] for s in samples if s["t_s"] > 0.6)
+    # the server's stub regions are in /dev/shm throughout; the run made none that nothing maps
+    stub_regions = {region for _, region in server._stubs.values()}
+    assert stub_regions <= set(shared["before"]) & set(shared["after"])
+    assert shared["leaked"] == [] and set(shared["new"]) == set(shared["in_use"])
+    assert report["checks"]["no_leaked_shared_memory"] and report["checks"]["no_failed_requests"]
+    assert report["checks"]["memory_growth_below_limit"] == (memory["growth_percent"] < 5)
+    assert "growth" in load_run.stdout and "leaked: none" in load_run.stdout
+
+
+def test_shared_memory_report_tells_leaked_from_in_use_regions():
+    name = f"lumireg-test-{uuid.uuid4().hex}"
+    before = load.shm_names()
+    leaked, used = Path("/dev/shm", f"{name}-leaked"), Path("/dev/shm", f"{name}-used")
+    try:
+        leaked.write_bytes(b"x" * 4096)
+        used.write_bytes(b"x" * 4096)
+        with open(used, "r+b") as handle, mmap.mmap(handle.fileno(), 4096):  # mapped by this live process
+            report = load.shared_memory_report(before, load.shm_names(), "test")
+        assert used.name in report["new"] and leaked.name in report["new"]
+        assert used.name in report["in_use"] and used.name not in report["leaked"]
+        assert leaked.name in report["leaked"] and leaked.name not in report["in_use"]
+        assert load.shared_memory_report(before, before, "test")["leaked"] == []
+    finally:
+        leaked.unlink(missing_ok=True)
+        used.unlink(missing_ok=True)
+
+
+def test_soak_fails_on_a_leaked_region(server, tmp_path, monkeypatch, capsys):
+    """A region the run leaves behind that nothing maps makes a soak fail though every request succeeded."""
+    region = Path("/dev/shm", f"lumireg-test-{uuid.uuid4().hex}")
+    real_send = load.send
+
+    def leaking_send(*args, **kwargs):
+        records = real_send(*args, **kwargs)
+        region.write_bytes(b"x")
+        return records
+
+    monkeypatch.setattr(load, "send", leaking_send)
+    try:
+        assert load.run(_args(server, tmp_path, duration=1.0, soak=True)) == EXIT_FAILURE
+    finally:
+        region.unlink(missing_ok=True)
+    report = _report(tmp_path, "soak")
+    assert not list(tmp_path.glob("**/load.json"))
+    assert report["benchmark"] == "soak" and report["settings"]["soak"] and report["failed"] == 0
+    assert region.name in report["shared_memory"]["leaked"] and report["verdict"] == "fail"
+    assert report["checks"]["no_leaked_shared_memory"] is False and report["memory"]["samples"]
+    assert "no_leaked_shared_memory" in capsys.readouterr().out
+
+
+def test_the_server_process_is_found_by_its_grpc_port_on_this_host_only(server):
+    assert load.server_process(server.grpc_url) == server.process.pid
+    assert load.server_process(f"localhost:{server.ports.grpc}") == server.process.pid
+    assert load.server_process(f"192.0.2.1:{server.ports.grpc}") is None  # TEST-NET-1: never this host
+    assert load.server_process(f"127.0.0.1:{free_ports().grpc}") is None  # nothing listens there
 
 
 def test_load_run_counts_injected_bad_requests(server, tmp_path, capsys):
