@@ -112,9 +112,11 @@ OUTPUTS = (
 )
 OUTPUT_NAMES = tuple(name for name, *_ in OUTPUTS)
 
-# network model ``lumireg_network``: the uint8 pair in (the graph divides by 255), the velocity out
-NETWORK_INPUTS = (("fixed", "TYPE_UINT8", (1, *CANVAS)), ("moving", "TYPE_UINT8", (1, *CANVAS)))
-NETWORK_OUTPUT = ("velocity", "TYPE_FP32", (3, *HALF_CANVAS))  # half-resolution voxels, antisymmetric in the pair
+# network model ``lumireg_network``: the uint8 pair in (the graph divides by 255), the velocity out. Spatial sizes
+# are free (-1), multiples of SIZE_MULTIPLE: the canvas for a full-resolution pass, HALF_CANVAS for the coarse pass
+NETWORK_SHAPES = (CANVAS, HALF_CANVAS)  # the spatial sizes the service runs the network at
+NETWORK_INPUTS = (("fixed", "TYPE_UINT8", (1, -1, -1, -1)), ("moving", "TYPE_UINT8", (1, -1, -1, -1)))
+NETWORK_OUTPUT = ("velocity", "TYPE_FP32", (3, -1, -1, -1))  # half-resolution voxels, antisymmetric in the pair
 NETWORK_INPUT_NAMES = tuple(name for name, *_ in NETWORK_INPUTS)
 NETWORK_OUTPUT_NAME = NETWORK_OUTPUT[0]
 

@@ -2,16 +2,18 @@
 
 The exported graph is what the service's ``lumireg_network`` model runs:
 
-- inputs ``fixed``, ``moving``: ``uint8 [B, 1, 160, 224, 192]`` (LUMIR's
+- inputs ``fixed``, ``moving``: ``uint8 [B, 1, D, H, W]``, e.g. 160 x 224 x 192 (LUMIR's
   intensities 0..255; the graph divides by 255 itself, so the wire and the
   hand-over between the server's models stay 8-bit);
-- output ``velocity``: ``float32 [B, 3, 80, 112, 96]``, the stationary
+- output ``velocity``: ``float32 [B, 3, D/2, H/2, W/2]``, the stationary
   velocity at half resolution in half-resolution voxel units
   (:meth:`LumiNet.velocity`); integration and warping stay in our Triton
   kernels, because ONNX has no 5-D grid sample before opset 20.
 
-The batch axis is dynamic, the spatial axes are fixed at export (the canvas
-for the service: a graph takes only the shape it was exported for). Opset 17
+The batch and the spatial axes are dynamic: the service runs the graph on the
+canvas and, for its coarse pass, on the pair halved (80 x 112 x 96); any
+sizes that are multiples of 16 work. The parity check runs at both
+(:data:`lumireg.contract.NETWORK_SHAPES`). Opset 17
 (:data:`OPSET`): ONNX Runtime 1.31 and TensorRT 10 both run it. The graph is
 written by the TorchScript exporter (``dynamo=False``), which needs no extra
 package.
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumireg.contract import CANVAS, NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME, PARITY_PAIR_FILE
+from lumireg.contract import CANVAS, NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME, NETWORK_SHAPES, PARITY_PAIR_FILE
 from lumireg.network.model import LumiNet
 
 OPSET = 17
@@ -45,12 +47,13 @@ class VelocityGraph(torch.nn.Module):
 
 
 def export_onnx(model: LumiNet, path: str | Path, shape: tuple[int, int, int] = CANVAS) -> Path:
-    """Write the velocity graph of ``model`` for volumes of ``shape`` to ``path`` (atomically)."""
+    """Write the velocity graph of ``model`` to ``path`` (atomically), traced at ``shape``; batch and spatial axes
+    stay dynamic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((1, 1, *shape), dtype=torch.uint8)
     partial = path.with_name(path.name + ".partial")
-    batch_axis = {0: "batch"}
+    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
     with warnings.catch_warnings(), torch.no_grad():
         # the exporter warns about the deprecation of TorchScript and about our shape checks, traced as constants
         warnings.simplefilter("ignore")
@@ -60,7 +63,8 @@ def export_onnx(model: LumiNet, path: str | Path, shape: tuple[int, int, int] = 
             str(partial),
             input_names=list(NETWORK_INPUT_NAMES),
             output_names=[NETWORK_OUTPUT_NAME],
-            dynamic_axes={name: batch_axis for name in (*NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME)},
+            dynamic_axes={name: axes for name in NETWORK_INPUT_NAMES}
+            | {NETWORK_OUTPUT_NAME: {0: "batch", 2: "half_depth", 3: "half_height", 4: "half_width"}},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -100,17 +104,23 @@ def parity_inputs(shape: tuple[int, int, int] = CANVAS, seed: int = 0) -> dict[s
 
 
 def check_parity(
-    model: LumiNet, run_exported, shape: tuple[int, int, int] = CANVAS, tolerance: float = PARITY_TOLERANCE
+    model: LumiNet, run_exported, shapes=NETWORK_SHAPES, tolerance: float = PARITY_TOLERANCE
 ) -> dict[str, float]:
     """Max abs velocity difference of an exported graph against PyTorch, per input pair.
 
     ``run_exported(fixed_u8, moving_u8) -> velocity`` (numpy in, numpy out)
-    runs the exported model. Raises ``RuntimeError`` naming the pair if any
-    difference exceeds ``tolerance`` (half-resolution voxels).
+    runs the exported model on the :func:`parity_inputs` of each of ``shapes``
+    (spatial sizes; a pair at another size than the canvas is named with its size). Raises ``RuntimeError``
+    naming the pair if any difference exceeds ``tolerance`` (half-resolution voxels).
     """
     report = {}
     graph = VelocityGraph(model.eval())
-    for name, (fixed, moving) in parity_inputs(shape).items():
+    pairs = {
+        name if tuple(shape) == CANVAS else f"{name}, {'x'.join(map(str, shape))}": pair
+        for shape in shapes
+        for name, pair in parity_inputs(shape).items()
+    }
+    for name, (fixed, moving) in pairs.items():
         with torch.no_grad():
             expected = graph(torch.from_numpy(fixed), torch.from_numpy(moving)).numpy()
         got = np.asarray(run_exported(fixed, moving), dtype=np.float32)

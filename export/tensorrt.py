@@ -2,8 +2,9 @@
 
 Needs the ``tensorrt`` Python package and a CUDA GPU; the plan is specific to
 that GPU model and TensorRT version, so build it on the serving host (or in
-its image). The plan takes a batch of 1..8 pairs (one optimisation profile,
-optimised for 1).
+its image). The plan takes a batch of 1..8 pairs of the coarse pass's size
+(80 x 112 x 96) up to the canvas (one optimisation profile, optimised for one
+pair on the canvas).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumireg.contract import MAX_BATCH_SIZE, NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME
+from lumireg.contract import MAX_BATCH_SIZE, NETWORK_INPUT_NAMES, NETWORK_OUTPUT_NAME, NETWORK_SHAPES
 
 FP16_TOLERANCE = 0.05  # max |plan - PyTorch| on the velocity (half-resolution voxels) accepted for an fp16 plan
 
@@ -54,9 +55,9 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, fp16: bool = False)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    for index, name in enumerate(NETWORK_INPUT_NAMES):
-        shape = tuple(network.get_input(index).shape)[1:]
-        profile.set_shape(name, (1, *shape), (1, *shape), (MAX_BATCH_SIZE, *shape))
+    smallest, largest = (tuple(min(s) for s in zip(*NETWORK_SHAPES)), tuple(max(s) for s in zip(*NETWORK_SHAPES)))
+    for name in NETWORK_INPUT_NAMES:  # batch 1..8, spatial sizes from the coarse pass's to the canvas
+        profile.set_shape(name, (1, 1, *smallest), (1, 1, *largest), (MAX_BATCH_SIZE, 1, *largest))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lumireg.contract import INTEGRATION_STEPS
+from lumireg.contract import INTEGRATION_STEPS, SIZE_MULTIPLE
 from lumireg.kernels import warp
 from lumireg.network.model import velocity_to_displacement
 
@@ -62,11 +62,12 @@ def coarse_pass(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``network`` applied to the pair at half resolution, as a pass of the full-resolution pair.
 
-    Both images are halved (means of 2x2x2 blocks) and set in the middle of a zero volume of their own shape, so
-    the network runs on the shape it was exported for (the canvas; the zeros are background, as around a brain);
-    the velocity it finds for the middle, in units of 4 voxels on a grid of 4-voxel steps, is resampled onto the
+    Both images are halved (means of 2x2x2 blocks; on the canvas 80 x 112 x 96, an eighth of the voxels, so an
+    eighth of a pass's work) and, where a halved size is no multiple of :data:`~lumireg.contract.SIZE_MULTIPLE`,
+    set in the middle of a zero volume of the next multiple (background, as around a brain). The velocity the
+    network finds for them, in units of 4 voxels on a grid of 4-voxel steps, is resampled onto the
     half-resolution grid of the full pair (trilinear, block centres matched: ``align_corners=False``) and scaled
-    to its units (2 voxels). On a CPU this pass costs a full pass; on the canvas, D, H, W are multiples of 16.
+    to its units (2 voxels). D, H, W must be even.
 
     Returns:
         ``(fixed, moving) -> velocity`` like ``network``: ``(B, 3, D/2, H/2, W/2)`` half-resolution voxels.
@@ -74,18 +75,23 @@ def coarse_pass(
 
     def run(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         shape = fixed.shape[2:]
-        if any(n % 8 for n in shape):
-            raise ValueError(f"a coarse pass needs D, H, W divisible by 8, got {tuple(shape)}")
-        inner = [slice(n // 4, n // 4 + n // 2) for n in shape]  # where the halved pair sits
+        if any(n % 4 for n in shape):
+            raise ValueError(f"a coarse pass needs D, H, W divisible by 4, got {tuple(shape)}")
+        half = [n // 2 for n in shape]
+        framed = [-(-h // SIZE_MULTIPLE) * SIZE_MULTIPLE for h in half]
+        start = [(f - h) // 4 * 2 for f, h in zip(framed, half)]  # even, so the velocity grid splits it exactly
+        inner = tuple(slice(s, s + h) for s, h in zip(start, half))
 
-        def framed(image):
-            out = torch.zeros_like(image)
+        def halved(image):
+            if framed == half:
+                return _halved(image)
+            out = image.new_zeros((*image.shape[:2], *framed))
             out[(..., *inner)] = _halved(image)
             return out
 
-        velocity = network(framed(fixed), framed(moving)).float()
-        middle = velocity[(..., *[slice(n // 8, n // 8 + n // 4) for n in shape])]
-        return 2 * F.interpolate(middle, size=tuple(n // 2 for n in shape), mode="trilinear", align_corners=False)
+        velocity = network(halved(fixed), halved(moving)).float()
+        middle = velocity[(..., *[slice(s // 2, (s + h) // 2) for s, h in zip(start, half)])]
+        return 2 * F.interpolate(middle, size=tuple(half), mode="trilinear", align_corners=False)
 
     return run
 

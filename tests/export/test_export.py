@@ -26,11 +26,13 @@ def small_model(rng):
     return model.eval()
 
 
-def test_onnx_matches_pytorch_with_a_dynamic_batch(small_model, tmp_path):
+def test_onnx_matches_pytorch_with_a_dynamic_batch_and_size(small_model, tmp_path):
     path = export_onnx(small_model, tmp_path / "model.onnx", shape=SHAPE)
     run = onnxruntime_runner(onnxruntime_session(path))
-    report = check_parity(small_model, run, shape=SHAPE)
-    assert 0 <= report["random pair, batch 2"] <= 1e-4
+    # traced at one size, the graph takes others (the coarse pass runs it on the halved pair)
+    report = check_parity(small_model, run, shapes=[SHAPE, (16, 32, 64)])
+    assert set(report) == {"random pair, batch 2, 32x32x48", "random pair, batch 2, 16x32x64"}
+    assert all(0 <= difference <= 1e-4 for difference in report.values()), report
     batch = np.random.default_rng(0).integers(0, 256, (3, 1, *SHAPE), dtype=np.uint8)
     velocity = run(batch, batch[::-1].copy())
     assert velocity.shape == (3, 3, *(n // 2 for n in SHAPE))
@@ -41,12 +43,12 @@ def test_parity_check_rejects_a_wrong_export(small_model, tmp_path):
     path = export_onnx(small_model, tmp_path / "model.onnx", shape=SHAPE)
     run = onnxruntime_runner(onnxruntime_session(path))
     with pytest.raises(RuntimeError, match="parity check failed"):
-        check_parity(small_model, lambda f, m: run(f, m) + 1e-3, shape=SHAPE)
+        check_parity(small_model, lambda f, m: run(f, m) + 1e-3, shapes=[SHAPE])
     other = LumiNet(NetworkConfig(channels=(4, 8, 8, 8)))
     with torch.no_grad():
         other.head.weight.normal_(std=0.1)
     with pytest.raises(RuntimeError, match="parity check failed"):
-        check_parity(other.eval(), run, shape=SHAPE)
+        check_parity(other.eval(), run, shapes=[SHAPE])
 
 
 def test_the_parity_pair_is_what_its_generator_writes():
@@ -75,7 +77,11 @@ def test_the_set_up_export_passed_its_parity_check():
     if not record_path.is_file():
         pytest.skip("run `make test` (or `lumireg export`) so set-up exports the bundled weights")
     record = json.loads(record_path.read_text())
-    assert set(record["parity_max_abs_velocity"]) == {"template pair", "random pair, batch 2"}
+    assert set(record["parity_max_abs_velocity"]) == {
+        "template pair",
+        "random pair, batch 2",
+        "random pair, batch 2, 80x112x96",
+    }
     assert max(record["parity_max_abs_velocity"].values()) <= 1e-4
     assert record["steps"] == INTEGRATION_STEPS and record["opset"] == 17 and "lumireg-default" in record["weights"]
 
@@ -87,7 +93,9 @@ def test_every_config_is_a_valid_triton_model_config(variant):
     assert entry.max_batch_size == network.max_batch_size == 8
     assert [i.name for i in entry.input] == ["fixed", "moving", "moving_labels"]
     assert [i.optional for i in entry.input] == [False, False, True]
-    assert [list(i.dims) for i in network.output] == [[3, 80, 112, 96]]
+    # spatial sizes free: the canvas for a full-resolution pass, the halved pair for the coarse one
+    assert [list(i.dims) for i in network.input] == [[1, -1, -1, -1]] * 2
+    assert [list(i.dims) for i in network.output] == [[3, -1, -1, -1]]
     expected = {"python": ("python", ""), "onnx": ("", "onnxruntime_onnx"), "tensorrt": ("", "tensorrt_plan")}[variant]
     assert (network.backend, network.platform) == expected
 

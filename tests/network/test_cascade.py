@@ -77,56 +77,67 @@ def test_passes_below_one_are_refused():
         cascade(lambda f, m: None, torch.zeros(1, 1, *SHAPE), torch.zeros(1, 1, *SHAPE), 0)
 
 
-COARSE_SHAPE = (16, 24, 32)  # divisible by 8, as a coarse pass needs
+COARSE_SHAPE = (16, 24, 32)  # halves 8, 12, 16: framed in zeros up to multiples of 16
+EXACT_SHAPE = (32, 64, 96)  # halves 16, 32, 48: the network sees the halved pair as it is (so does the canvas)
 
 
-def test_coarse_pass_shows_the_network_the_halved_pair_framed_in_zeros():
+def _framing(shape):
+    """The halved size, the size the network sees, and where the halved image sits in it (as the docstring says)."""
+    half = [n // 2 for n in shape]
+    seen = [-(-h // 16) * 16 for h in half]
+    start = [(f - h) // 4 * 2 for f, h in zip(seen, half)]
+    return half, seen, tuple(slice(s, s + h) for s, h in zip(start, half))
+
+
+@pytest.mark.parametrize("shape", [EXACT_SHAPE, COARSE_SHAPE], ids=["exact", "framed"])
+def test_coarse_pass_shows_the_network_the_halved_pair(shape):
+    half, size, inner = _framing(shape)
     seen = []
 
     def network(fixed, moving):
         seen.append((fixed.clone(), moving.clone()))
-        return torch.zeros(1, 3, *(n // 2 for n in COARSE_SHAPE))
+        return torch.zeros(1, 3, *(n // 2 for n in fixed.shape[2:]))
 
-    fixed = torch.randint(0, 256, (1, 1, *COARSE_SHAPE), dtype=torch.uint8)
-    moving = torch.randint(0, 256, (1, 1, *COARSE_SHAPE), dtype=torch.uint8)
+    fixed = torch.randint(0, 256, (1, 1, *shape), dtype=torch.uint8)
+    moving = torch.randint(0, 256, (1, 1, *shape), dtype=torch.uint8)
     coarse_pass(network)(fixed, moving)
-    (shown_fixed, shown_moving), middle = seen[0], tuple(slice(n // 4, 3 * n // 4) for n in COARSE_SHAPE)
-    for shown, image in ((shown_fixed, fixed), (shown_moving, moving)):
-        assert shown.dtype == torch.uint8 and shown.shape == image.shape
+    for shown, image in zip(seen[0], (fixed, moving)):
+        assert shown.dtype == torch.uint8 and tuple(shown.shape[2:]) == tuple(size)  # an eighth of the voxels, or so
         halved = torch.nn.functional.avg_pool3d(image.float(), 2).round()
-        assert torch.equal(shown[(..., *middle)].float(), halved)
+        assert torch.equal(shown[(..., *inner)].float(), halved)
         frame = shown.clone()
-        frame[(..., *middle)] = 0
-        assert not frame.any()  # zeros around the halved image
+        frame[(..., *inner)] = 0
+        assert not frame.any()  # zeros around the halved image, if any
 
 
-def test_coarse_pass_velocity_is_the_middle_doubled_in_full_resolution_units():
-    half = tuple(n // 2 for n in COARSE_SHAPE)
+@pytest.mark.parametrize("shape", [EXACT_SHAPE, COARSE_SHAPE], ids=["exact", "framed"])
+def test_coarse_pass_velocity_is_the_halved_pairs_doubled_in_full_resolution_units(shape):
+    half, size, inner = _framing(shape)
     constant = torch.tensor([0.5, -1.0, 0.25]).view(1, 3, 1, 1, 1)
-    ramp = torch.arange(half[0], dtype=torch.float32).view(1, 1, -1, 1, 1)  # varies along axis 0
+    grid = [n // 2 for n in size]  # the velocity grid of what the network saw
+    ramp = torch.arange(grid[0], dtype=torch.float32).view(1, 1, -1, 1, 1)  # varies along axis 0
 
     def network(fixed, moving):
-        return (constant + 0 * ramp).expand(1, 3, *half) + torch.cat([ramp, 0 * ramp, 0 * ramp], 1)
+        return constant.expand(1, 3, *grid) + torch.cat([ramp, 0 * ramp, 0 * ramp], 1).expand(1, 3, *grid)
 
-    image = torch.zeros(1, 1, *COARSE_SHAPE)
+    image = torch.zeros(1, 1, *shape)
     velocity = coarse_pass(network)(image, image)
     assert velocity.shape == (1, 3, *half)
     # channels 1 and 2: a constant velocity of c coarse half-resolution voxels is 2c full half-resolution voxels
     torch.testing.assert_close(velocity[:, 1:], (2 * constant[:, 1:]).expand(1, 2, *half))
-    # channel 0 adds the network's ramp over the middle (indices n/8 .. 3n/8), stretched over the whole grid
-    middle = ramp[0, 0, half[0] // 4 : 3 * half[0] // 4, 0, 0]
+    # channel 0 adds the network's ramp over the halved image's part of its grid, stretched over the whole grid
+    middle = ramp[0, 0, inner[0].start // 2 : inner[0].stop // 2, 0, 0]
     assert torch.allclose(velocity[0, 0, :, 0, 0].min(), 2 * (constant[0, 0, 0, 0, 0] + middle.min()), atol=0.6)
     assert torch.allclose(velocity[0, 0, :, 0, 0].max(), 2 * (constant[0, 0, 0, 0, 0] + middle.max()), atol=0.6)
 
 
 def test_a_coarse_pass_comes_first_and_the_cascade_stays_invertible():
     half = tuple(n // 2 for n in COARSE_SHAPE)
-    velocities = iter(_smooth(3, 0.5, 30 + k, half).float() for k in range(3))
     calls = []
 
     def network(fixed, moving):
         calls.append(fixed.shape)
-        return next(velocities)
+        return _smooth(3, 0.5, 30 + len(calls), tuple(n // 2 for n in fixed.shape[2:])).float()
 
     image = torch.zeros(1, 1, *COARSE_SHAPE)
     displacement, used = cascade(network, image, image, 2, coarse=1)

@@ -69,10 +69,12 @@ def test_qc_report_matches_the_evaluator(full, pair):
         "passes",
         "coarse",
         "refinement",
+        "contrast",
         "warnings",
         "model",
         "version",
     }
+    assert (qc["contrast"]["requested"], qc["contrast"]["used"]) == ("auto", "same")  # a pair of one contrast
     assert qc["warnings"] == [] and qc["refinement"] is None and qc["mi_after"] > qc["mi_before"]
     assert qc["passes"] == DEFAULT_PASSES and qc["coarse"] == DEFAULT_COARSE
     field = as_channels_last(full.as_numpy("displacement")[0])
