@@ -260,6 +260,8 @@ QC_WARNINGS = {
     "refinement_not_converged": "refinement did not converge: its similarity ended no better than the network's, "
     "so the network's field was kept",
     "alignment_not_converged": "the affine pre-alignment did not converge: the centre-of-mass alignment was used",
+    "empty_image": "the fixed or the moving image is empty or of one constant value: there is nothing to register, "
+    "the field is about the identity",
     "not_brain_extracted": f"the moving image seems not brain-extracted: over {BRAIN_VOLUME_LIMIT_ML} ml of it is "
     "nonzero on the canvas (inputs must be skull-stripped, as LUMIR's)",
 }

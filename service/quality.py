@@ -16,6 +16,7 @@ in voxels, pull-back from the fixed grid (``README``, "Conventions").
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -48,7 +49,8 @@ def quality_report(
     """One QC dict per pair.
 
     Keys: ``ndv_percent`` (non-diffeomorphic volume in % of the moving image's
-    nonzero voxels, LUMIR's definition: :func:`lumireg.evaluate.metrics.ndv_percent`)
+    nonzero voxels, LUMIR's definition: :func:`lumireg.evaluate.metrics.ndv_percent`; None for an all-zero
+    moving image)
     and ``jacobian_min`` (smallest central-difference Jacobian determinant over
     the volume, <= 0 where it folds: :func:`lumireg.evaluate.metrics.jacobian_determinant`),
     the evaluator's numbers computed by their screened twins; ``ncc_before`` /
@@ -68,7 +70,8 @@ def quality_report(
     brain MI fell by more than :data:`MI_DROP` of its value before,
     ``folding`` when ``ndv_percent`` exceeds
     :data:`~lumireg.contract.NDV_WARNING_PERCENT`, ``refinement_not_converged``
-    when the refinement says it did not converge); ``model`` and ``version``
+    when the refinement says it did not converge, ``empty_image`` when either image is of one value (all zero
+    or constant: nothing to register)); ``model`` and ``version``
     (lumireg's). MI decides ``similarity_decreased``: it measures how well one
     image predicts the other whatever their contrasts, while the local NCC, a
     squared local correlation, rises wherever edges line up, even between
@@ -91,11 +94,16 @@ def quality_report(
         similarities = [similarity(*images) for images in zip(fixed, moving, warped)]
         ndvs, minima = [f.result() for f in ndvs], [f.result() for f in minima]
     reports = []
+    blank = [bool(f.min() == f.max() or m.min() == m.max()) for f, m in zip(fixed, moving)]
     for i, (ndv, jacobian_min, measures) in enumerate(zip(ndvs, minima, similarities)):
         record = None if refinement is None else dict(refinement[i])
+        ndv = ndv if math.isfinite(ndv) else None  # no moving voxel to count over: undefined, not NaN
         report = {"ndv_percent": ndv, "jacobian_min": jacobian_min, **measures, "passes": passes, "coarse": coarse}
         report["refinement"] = record
-        reports.append(report | {"warnings": warnings(report), "model": model, "version": __version__})
+        found = warnings(report)
+        if blank[i]:  # the similarities of an image of one value say nothing
+            found = [_warning("empty_image")] + [w for w in found if w["code"] != "similarity_decreased"]
+        reports.append(report | {"warnings": found, "model": model, "version": __version__})
     return reports
 
 
@@ -124,11 +132,15 @@ def warnings(report: dict) -> list[dict]:
     codes = []
     if report["mi_after"] < (1 - MI_DROP) * report["mi_before"]:
         codes.append("similarity_decreased")
-    if report["ndv_percent"] > NDV_WARNING_PERCENT:
+    if report["ndv_percent"] is not None and report["ndv_percent"] > NDV_WARNING_PERCENT:
         codes.append("folding")
     if report.get("refinement") is not None and not report["refinement"]["converged"]:
         codes.append("refinement_not_converged")
-    return [{"code": code, "message": QC_WARNINGS[code]} for code in codes]
+    return [_warning(code) for code in codes]
+
+
+def _warning(code: str) -> dict:
+    return {"code": code, "message": QC_WARNINGS[code]}
 
 
 def similarity(fixed: torch.Tensor, moving: torch.Tensor, warped: torch.Tensor) -> dict:

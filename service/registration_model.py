@@ -193,7 +193,9 @@ class TritonPythonModel:
         for name, value in out.items():
             if name == "qc":
                 for report in value:
-                    self.metrics.ndv.observe(json.loads(report)["ndv_percent"])
+                    ndv = json.loads(report)["ndv_percent"]
+                    if ndv is not None:  # None: an all-zero moving image, no voxel to count folds over
+                        self.metrics.ndv.observe(ndv)
                 value = np.array([[report.encode()] for report in value], dtype=np.object_)
             tensors.append(output_tensor(name, value))
         return pb_utils.InferenceResponse(output_tensors=tensors)

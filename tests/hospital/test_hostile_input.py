@@ -86,13 +86,8 @@ def test_malformed_raw_grpc_is_refused_and_the_server_stays_ready(client, server
     assert server.ready() and client.is_model_ready("lumireg")
 
 
-ALL_ZERO_NDV = pytest.mark.xfail(
-    strict=True, reason="the QC's ndv_percent is 0/0 = NaN over an empty moving mask (service/quality.py)"
-)
-
-
-@pytest.mark.parametrize("value", [pytest.param(0, marks=ALL_ZERO_NDV), 117], ids=["all zero", "constant"])
-def test_a_constant_pair_gets_a_finite_result(client, server, value):
+@pytest.mark.parametrize("value", [0, 117], ids=["all zero", "constant"])
+def test_a_constant_pair_gets_the_identity_and_a_warning_not_nan(client, server, value):
     image = np.full((1, 1, *CANVAS), value, np.uint8)
     result = infer(client, {"fixed": image, "moving": image}, ("displacement", "qc"))
     field = result.as_numpy("displacement")
@@ -100,6 +95,8 @@ def test_a_constant_pair_gets_a_finite_result(client, server, value):
     assert np.abs(field).max() < 0.5  # nothing to register: about the identity
     qc = json.loads(result.as_numpy("qc")[0, 0])
     assert all(np.isfinite(v) for v in qc.values() if isinstance(v, float)), qc
+    assert [w["code"] for w in qc["warnings"]] == ["empty_image"]
+    assert (qc["ndv_percent"] is None) == (value == 0)  # no moving voxel to count folds over: undefined
     assert server.ready()
 
 
