@@ -176,8 +176,9 @@ def _single(args, client, requested: tuple[str, ...] | None) -> int:
     for name in written:
         print(f"{name}: {written[name]}")
     if result.qc:
+        ndv = result.qc["ndv_percent"]  # null over an all-zero moving image
         print(
-            f"qc: NDV {result.qc['ndv_percent']:.4f} %, NCC {result.qc['ncc_before']:.3f} -> "
+            f"qc: NDV {'n/a' if ndv is None else f'{ndv:.4f} %'}, NCC {result.qc['ncc_before']:.3f} -> "
             f"{result.qc['ncc_after']:.3f}, min Jacobian {result.qc['jacobian_min']:.3f}"
         )
         refinement = result.qc.get("refinement")
