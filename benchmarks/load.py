@@ -24,8 +24,9 @@ its python-backend stubs, sampled every ``min(5 s, duration / 20)`` (at least
 :data:`WARMUP_FRACTION` of the sending time; the windows compared are
 ``max(`` :data:`WINDOW_FRACTION` ``x duration, interval)`` wide: growth (%)
 = 100 x (mean of the samples in the last window of the sending time - mean
-of those in the window ending at warm-up) / the latter. A server on another
-host: memory not measured.
+of those in the window ending at warm-up) / the latter; the slope (MiB/min)
+of a least-squares line through the samples after warm-up tells a steady
+climb from a step. A server on another host: memory not measured.
 
 Shared memory (``shared_memory``): the names in ``/dev/shm`` before the
 embedded server started and after it stopped (for ``--url``: before and
@@ -176,6 +177,7 @@ def memory_summary(samples: list[dict], duration: float, interval: float) -> dic
 
     start, last = mean(warmup - width, warmup), mean(duration - width, duration)
     after = [s["mib"] for s in samples if s["t_s"] > warmup]
+    trend = [(s["t_s"], s["mib"]) for s in samples if warmup < s["t_s"] <= duration]
     return {
         "measured": True,
         "measure": "PSS (/proc/<pid>/smaps_rollup)" if MEASURE == "pss" else "RSS (/proc/<pid>/status VmRSS)",
@@ -186,6 +188,8 @@ def memory_summary(samples: list[dict], duration: float, interval: float) -> dic
         "last_window_mib": last,
         "max_after_warmup_mib": max(after) if after else None,
         "growth_percent": 100 * (last - start) / start if start and last is not None else None,
+        # least-squares slope of the samples after warm-up, up to the last send: a leak's steady climb
+        "slope_after_warmup_mib_per_min": float(np.polyfit(*zip(*trend), 1)[0] * 60) if len(trend) > 1 else None,
         "samples": samples,
     }
 
@@ -375,6 +379,8 @@ def _plot(report: dict, path: Path) -> None:
     if memory["measured"]:
         below.plot([m["t_s"] for m in memory["samples"]], [m["mib"] for m in memory["samples"]], color="tab:green")
         below.axvline(memory["warmup_s"], color="gray", linestyle=":", label="end of warm-up")
+        for end, label in ((memory["warmup_s"], "windows compared"), (report["duration_s"], None)):
+            below.axvspan(end - memory["window_s"], end, color="tab:green", alpha=0.12, label=label)
         growth = memory["growth_percent"]
         below.set(
             xlabel="time (s from start)",
@@ -557,7 +563,8 @@ def _print(report: dict, path: Path) -> None:
         print(
             f"server {memory['measure']}: {fmt(memory['warmup_end_mib'])} MiB at the end of warm-up "
             f"({memory['warmup_s']:.0f} s), max {fmt(memory['max_after_warmup_mib'])} MiB after it, growth "
-            f"{'-' if growth is None else f'{growth:+.2f}'} % ({len(memory['samples'])} samples)"
+            f"{'-' if growth is None else f'{growth:+.2f}'} %, slope {memory['slope_after_warmup_mib_per_min']:+.2f} "
+            f"MiB/min ({len(memory['samples'])} samples)"
         )
     else:
         print(memory["reason"])

@@ -79,6 +79,8 @@ def test_load_run_samples_the_servers_memory_and_dev_shm(load_run, server):
     assert np.isfinite(memory["growth_percent"])
     assert memory["growth_percent"] == pytest.approx(100 * (last - start) / start)
     assert memory["max_after_warmup_mib"] == max(s["mib"] for s in samples if s["t_s"] > 0.6)
+    after = [(s["t_s"], s["mib"]) for s in samples if 0.6 < s["t_s"] <= 3.0]
+    assert memory["slope_after_warmup_mib_per_min"] == pytest.approx(np.polyfit(*zip(*after), 1)[0] * 60)
     # the server's stub regions are in /dev/shm throughout; the run made none that nothing maps
     stub_regions = {region for _, region in server._stubs.values()}
     assert stub_regions <= set(shared["before"]) & set(shared["after"])
