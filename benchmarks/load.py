@@ -23,8 +23,12 @@ its python-backend stubs, sampled every ``min(5 s, duration / 20)`` (at least
 0.1 s) from the first send until the last answer. Warm-up is the first
 :data:`WARMUP_FRACTION` of the sending time; the windows compared are
 ``max(`` :data:`WINDOW_FRACTION` ``x duration, interval)`` wide: growth (%)
-= 100 x (mean of the samples in the last window of the sending time - mean
-of those in the window ending at warm-up) / the latter; the slope (MiB/min)
+= 100 x (median of the samples in the last window of the sending time -
+median of those in the window ending at warm-up) / the latter. Medians, not
+means: within each request the server's memory rises by several hundred MiB
+and falls back, and a sample lands inside a request or between two as the
+sampling and arrival periods beat, so a window's mean moves by 5-10 % with
+that phase alone, its median (and a leak moves both) does not. The slope (MiB/min)
 of a least-squares line through the samples after warm-up tells a steady
 climb from a step. A server on another host: memory not measured.
 
@@ -171,11 +175,11 @@ def memory_summary(samples: list[dict], duration: float, interval: float) -> dic
     defines them, with the samples."""
     warmup, width = WARMUP_FRACTION * duration, max(WINDOW_FRACTION * duration, interval)
 
-    def mean(lo: float, hi: float) -> float | None:
+    def median(lo: float, hi: float) -> float | None:
         inside = [s["mib"] for s in samples if lo <= s["t_s"] <= hi]
-        return float(np.mean(inside)) if inside else None
+        return float(np.median(inside)) if inside else None
 
-    start, last = mean(warmup - width, warmup), mean(duration - width, duration)
+    start, last = median(warmup - width, warmup), median(duration - width, duration)
     after = [s["mib"] for s in samples if s["t_s"] > warmup]
     trend = [(s["t_s"], s["mib"]) for s in samples if warmup < s["t_s"] <= duration]
     return {

@@ -143,6 +143,9 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", device_id: int = 
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no CPU arena: it keeps the largest working set of every input size it has seen (the canvas and the coarse
+    # pass's halved pair, batches 1..8) and never returns it; blocks this large come straight from the system
+    options.enable_cpu_mem_arena = False
     providers: list = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():

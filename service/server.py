@@ -9,7 +9,11 @@ it needs, and what :class:`EmbeddedServer` sets up:
   (``backends/python/``), once;
 - this environment's ``bin`` first on ``PATH``, so the stub runs this
   environment's Python (and finds lumireg, torch and onnxruntime);
-- the wheel's bundled libraries (``nvidia_pytriton.libs``) on ``LD_LIBRARY_PATH``.
+- the wheel's bundled libraries (``nvidia_pytriton.libs``) on ``LD_LIBRARY_PATH``;
+- glibc's allocator told (:data:`ALLOCATOR`, unless the caller's environment says otherwise) to give every block
+  of 128 KiB or more its own mapping, returned to the system when freed: a request's volumes are tens of MB,
+  and glibc's default raises that threshold to the largest block freed so far, after which such blocks come from
+  heaps that fragment and keep growing (a soak showed the server's memory climb 8 to 14 % over 10 to 20 minutes).
 
 The server listens on ``host`` (127.0.0.1 by default) for gRPC; HTTP (KServe v2,
 with ``/v2/health/live`` and ``/v2/health/ready``) and Prometheus metrics
@@ -179,9 +183,14 @@ def backend_directory(home: Path) -> Path:
     return home / "backends"
 
 
+# glibc malloc tunables for tritonserver and its stubs: a fixed mmap threshold (a fixed value also turns off its
+# dynamic raising) and a bounded number of arenas for the server's many threads
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_ARENA_MAX": "2"}
+
+
 def server_environment(home: Path) -> dict[str, str]:
     """The environment ``tritonserver`` and its python stubs need (see the module docstring)."""
-    env = dict(os.environ)
+    env = ALLOCATOR | dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     libraries = home.parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(libraries), env.get("LD_LIBRARY_PATH", "")] if p)

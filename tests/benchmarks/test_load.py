@@ -70,11 +70,11 @@ def test_load_run_samples_the_servers_memory_and_dev_shm(load_run, server):
     assert all(100 < s["mib"] < 64_000 for s in samples)
     assert all(b["t_s"] > a["t_s"] for a, b in zip(samples, samples[1:]))
 
-    def mean(lo, hi):
-        return np.mean([s["mib"] for s in samples if lo <= s["t_s"] <= hi])
+    def median(lo, hi):
+        return np.median([s["mib"] for s in samples if lo <= s["t_s"] <= hi])
 
     width = memory["window_s"]
-    start, last = mean(0.6 - width, 0.6), mean(3.0 - width, 3.0)
+    start, last = median(0.6 - width, 0.6), median(3.0 - width, 3.0)
     assert memory["warmup_end_mib"] == pytest.approx(start) and memory["last_window_mib"] == pytest.approx(last)
     assert np.isfinite(memory["growth_percent"])
     assert memory["growth_percent"] == pytest.approx(100 * (last - start) / start)
