@@ -12,8 +12,8 @@ from lumireg.contract import EXIT_USAGE
 
 OPTIONS = {  # every option each subcommand takes, and no other
     "service": {"--url", "--metrics-url", "--batch-sizes", "--concurrency", "--requests", "--warmup", "--out"},
-    "load": {"--url", "--metrics-url", "--rate", "--duration", "--outputs", "--bad-request-every", "--out"},
-    "kernels": {"--device", "--shape", "--batch-sizes", "--warmup", "--repeats", "--out"},
+    "load": {"--url", "--metrics-url", "--rate", "--duration", "--outputs", "--bad-request-every", "--soak", "--out"},
+    "kernels": {"--device", "--shape", "--batch-sizes", "--warmup", "--repeats", "--sweep-blocks", "--out"},
     "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--refine-steps", "--out"},
     "refine": {"--device", "--steps", "--similarities", "--repeats", "--shape", "--out"},
     "align": {"--device", "--poses", "--modes", "--similarities", "--shape", "--out"},
