@@ -65,6 +65,12 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
 
 
+def half_to_full(displacement: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, D/2, H/2, W/2)`` displacement in half-resolution voxels -> ``(B, 3, D, H, W)`` in full-resolution
+    voxels (doubled, then upsampled trilinearly: linear, so the order is exact)."""
+    return _upsample(2.0 * displacement)
+
+
 def velocity_to_displacement(velocity: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
     """Half-resolution velocity -> full-resolution displacement.
 
@@ -77,8 +83,8 @@ def velocity_to_displacement(velocity: torch.Tensor, steps: int = INTEGRATION_ST
         ``(B, 3, D, H, W)`` float32 pull-back displacement in full-resolution
         voxel units. Pass ``-velocity`` for the inverse transform.
     """
-    # doubled at half resolution, an eighth of the voxels: trilinear upsampling is linear and x2 is exact
-    return _upsample(2.0 * integrate(velocity, steps))
+    # integrated at half resolution, an eighth of the voxels
+    return half_to_full(integrate(velocity, steps))
 
 
 class LumiNet(nn.Module):
