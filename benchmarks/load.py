@@ -19,18 +19,22 @@ gRPC port a local tritonserver listens on), the summed PSS (proportional set
 size, ``Pss`` of ``/proc/<pid>/smaps_rollup``: shared pages such as the
 stubs' ``/dev/shm`` regions split among the processes mapping them; ``VmRSS``
 of ``/proc/<pid>/status`` where smaps_rollup is missing) of tritonserver and
-its python-backend stubs, sampled every ``min(5 s, duration / 20)`` (at least
+its python-backend stubs, sampled every ``min(1 s, duration / 20)`` (at least
 0.1 s) from the first send until the last answer. Warm-up is the first
-:data:`WARMUP_FRACTION` of the sending time; the windows compared are
-``max(`` :data:`WINDOW_FRACTION` ``x duration, interval)`` wide: growth (%)
-= 100 x (median of the samples in the last window of the sending time -
-median of those in the window ending at warm-up) / the latter. Medians, not
-means: within each request the server's memory rises by several hundred MiB
-and falls back, and a sample lands inside a request or between two as the
-sampling and arrival periods beat, so a window's mean moves by 5-10 % with
-that phase alone, its median (and a leak moves both) does not. The slope (MiB/min)
-of a least-squares line through the samples after warm-up tells a steady
-climb from a step. A server on another host: memory not measured.
+:data:`WARMUP_FRACTION` of the sending time; two windows
+``max(`` :data:`WINDOW_FRACTION` ``x duration, interval)`` wide are compared,
+the first after warm-up and the last of the sending time, each by its floor
+(lowest sample), median and peak: growth (%) = 100 x (floor of the last
+window - floor of the first) / the latter. The floor, because within each
+request the server's memory rises by several hundred MiB and falls back:
+what a window's median or mean says depends on the share of time spent in a
+request and on how the sampling and arrival periods beat (a 5 s sampling
+against arrivals every 4.8 s swings with a 100 s period), while the floor is
+the memory the server keeps between requests, where a leak shows; sampling
+every second catches it between requests up to about 70 % of capacity. The
+peaks' growth is reported beside it. The slope (MiB/min) of a least-squares
+line through the samples after warm-up tells a steady climb from a step.
+A server on another host: memory not measured.
 
 Shared memory (``shared_memory``): the names in ``/dev/shm`` before the
 embedded server started and after it stopped (for ``--url``: before and
@@ -171,15 +175,27 @@ class MemorySampler:
 
 
 def memory_summary(samples: list[dict], duration: float, interval: float) -> dict:
-    """Warm-up end, max after warm-up and growth of the server's memory (MiB, %), as the module docstring
-    defines them, with the samples."""
+    """The server's memory after warm-up (MiB, %), as the module docstring defines it: the two windows compared
+    (``first_window`` and ``last_window``: ``{"start_s", "end_s", "floor_mib", "median_mib", "peak_mib"}``, None
+    without samples), growth of their floors and of their peaks, max and slope after warm-up, and the samples."""
     warmup, width = WARMUP_FRACTION * duration, max(WINDOW_FRACTION * duration, interval)
 
-    def median(lo: float, hi: float) -> float | None:
+    def window(lo: float, hi: float) -> dict | None:
         inside = [s["mib"] for s in samples if lo <= s["t_s"] <= hi]
-        return float(np.median(inside)) if inside else None
+        if not inside:
+            return None
+        return {
+            "start_s": lo,
+            "end_s": hi,
+            "floor_mib": float(min(inside)),
+            "median_mib": float(np.median(inside)),
+            "peak_mib": float(max(inside)),
+        }
 
-    start, last = median(warmup - width, warmup), median(duration - width, duration)
+    def growth(key: str) -> float | None:
+        return 100 * (last[key] - first[key]) / first[key] if first and last and first[key] else None
+
+    first, last = window(warmup, warmup + width), window(duration - width, duration)
     after = [s["mib"] for s in samples if s["t_s"] > warmup]
     trend = [(s["t_s"], s["mib"]) for s in samples if warmup < s["t_s"] <= duration]
     return {
@@ -188,10 +204,11 @@ def memory_summary(samples: list[dict], duration: float, interval: float) -> dic
         "interval_s": interval,
         "warmup_s": warmup,
         "window_s": width,
-        "warmup_end_mib": start,
-        "last_window_mib": last,
+        "first_window": first,
+        "last_window": last,
         "max_after_warmup_mib": max(after) if after else None,
-        "growth_percent": 100 * (last - start) / start if start and last is not None else None,
+        "growth_percent": growth("floor_mib"),  # the check: what the server keeps between requests
+        "peak_growth_percent": growth("peak_mib"),
         # least-squares slope of the samples after warm-up, up to the last send: a leak's steady climb
         "slope_after_warmup_mib_per_min": float(np.polyfit(*zip(*trend), 1)[0] * 60) if len(trend) > 1 else None,
         "samples": samples,
@@ -383,13 +400,16 @@ def _plot(report: dict, path: Path) -> None:
     if memory["measured"]:
         below.plot([m["t_s"] for m in memory["samples"]], [m["mib"] for m in memory["samples"]], color="tab:green")
         below.axvline(memory["warmup_s"], color="gray", linestyle=":", label="end of warm-up")
-        for end, label in ((memory["warmup_s"], "windows compared"), (report["duration_s"], None)):
-            below.axvspan(end - memory["window_s"], end, color="tab:green", alpha=0.12, label=label)
+        for key, label in (("first_window", "windows compared (floor dashed)"), ("last_window", None)):
+            if memory[key]:
+                span = memory[key]
+                below.axvspan(span["start_s"], span["end_s"], color="tab:green", alpha=0.12, label=label)
+                below.hlines(span["floor_mib"], span["start_s"], span["end_s"], color="black", linestyle="--")
         growth = memory["growth_percent"]
         below.set(
             xlabel="time (s from start)",
             ylabel=f"server {MEASURE.upper()} (MiB)",
-            title=f"tritonserver + python stubs; growth after warm-up "
+            title=f"tritonserver + python stubs; floor growth after warm-up "
             f"{'-' if growth is None else f'{growth:+.2f}'} %, leaked /dev/shm regions: "
             f"{len(report['shared_memory']['leaked'])}",
         )
@@ -459,7 +479,7 @@ def run(args) -> int:
     device = device_name()
     out_dir = Path(args.out) / slug(device)
     name = "soak" if getattr(args, "soak", False) else "load"
-    interval = min(5.0, max(0.1, args.duration / 20))
+    interval = min(1.0, max(0.1, args.duration / 20))
     shm_before = shm_names()
     try:
         with target(args.url, args.metrics_url, out_dir) as (url, metrics_url, what):
@@ -544,6 +564,14 @@ def run(args) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def _window(window: dict | None) -> str:
+    return "-" if window is None else f"{window['floor_mib']:.0f} / {window['peak_mib']:.0f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
 def _print(report: dict, path: Path) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     lat, achieved = report["latency"], report["rate_achieved_per_s"]
@@ -565,9 +593,10 @@ def _print(report: dict, path: Path) -> None:
     if memory["measured"]:
         growth = memory["growth_percent"]
         print(
-            f"server {memory['measure']}: {fmt(memory['warmup_end_mib'])} MiB at the end of warm-up "
-            f"({memory['warmup_s']:.0f} s), max {fmt(memory['max_after_warmup_mib'])} MiB after it, growth "
-            f"{'-' if growth is None else f'{growth:+.2f}'} %, slope {memory['slope_after_warmup_mib_per_min']:+.2f} "
+            f"server {memory['measure']}, floor / peak: {_window(memory['first_window'])} MiB after warm-up "
+            f"({memory['warmup_s']:.0f} s), {_window(memory['last_window'])} MiB at the end; floor growth "
+            f"{'-' if growth is None else f'{growth:+.2f}'} %, peak growth {_percent(memory['peak_growth_percent'])} %, "
+            f"slope {memory['slope_after_warmup_mib_per_min']:+.2f} "
             f"MiB/min ({len(memory['samples'])} samples)"
         )
     else:

@@ -70,14 +70,17 @@ def test_load_run_samples_the_servers_memory_and_dev_shm(load_run, server):
     assert all(100 < s["mib"] < 64_000 for s in samples)
     assert all(b["t_s"] > a["t_s"] for a, b in zip(samples, samples[1:]))
 
-    def median(lo, hi):
-        return np.median([s["mib"] for s in samples if lo <= s["t_s"] <= hi])
+    def window(lo, hi):
+        inside = [s["mib"] for s in samples if lo <= s["t_s"] <= hi]
+        return {"start_s": lo, "end_s": hi, "floor_mib": min(inside), "median_mib": np.median(inside), "peak_mib": max(inside)}
 
     width = memory["window_s"]
-    start, last = median(0.6 - width, 0.6), median(3.0 - width, 3.0)
-    assert memory["warmup_end_mib"] == pytest.approx(start) and memory["last_window_mib"] == pytest.approx(last)
+    first, last = window(0.6, 0.6 + width), window(3.0 - width, 3.0)
+    assert memory["first_window"] == pytest.approx(first) and memory["last_window"] == pytest.approx(last)
+    assert first["floor_mib"] <= first["median_mib"] <= first["peak_mib"]
     assert np.isfinite(memory["growth_percent"])
-    assert memory["growth_percent"] == pytest.approx(100 * (last - start) / start)
+    assert memory["growth_percent"] == pytest.approx(100 * (last["floor_mib"] - first["floor_mib"]) / first["floor_mib"])
+    assert memory["peak_growth_percent"] == pytest.approx(100 * (last["peak_mib"] - first["peak_mib"]) / first["peak_mib"])
     assert memory["max_after_warmup_mib"] == max(s["mib"] for s in samples if s["t_s"] > 0.6)
     after = [(s["t_s"], s["mib"]) for s in samples if 0.6 < s["t_s"] <= 3.0]
     assert memory["slope_after_warmup_mib_per_min"] == pytest.approx(np.polyfit(*zip(*after), 1)[0] * 60)
@@ -88,6 +91,27 @@ def test_load_run_samples_the_servers_memory_and_dev_shm(load_run, server):
     assert report["checks"]["no_leaked_shared_memory"] and report["checks"]["no_failed_requests"]
     assert report["checks"]["memory_growth_below_limit"] == (memory["growth_percent"] < 5)
     assert "growth" in load_run.stdout and "leaked: none" in load_run.stdout
+
+
+def _requests_memory(leak_mib_per_min: float, duration: float = 1200.0) -> list[dict]:
+    """Samples every second of a server whose memory rises by 500 MiB within each 3.3 s request, one every
+    4.76 s (70 % busy), above a floor of 1000 MiB that climbs by ``leak_mib_per_min``."""
+    samples = []
+    for t in np.arange(0.0, duration, 1.0):
+        busy = (t % 4.76) < 3.3
+        samples.append({"t_s": float(t), "mib": 1000 + leak_mib_per_min * t / 60 + 500 * busy, "processes": 2})
+    return samples
+
+
+@pytest.mark.parametrize("leak, fails", [(0.0, False), (5.0, True)])
+def test_memory_growth_is_the_floors_between_requests(leak, fails):
+    memory = load.memory_summary(_requests_memory(leak), 1200.0, 1.0)
+    assert memory["first_window"]["start_s"] == 240 and memory["last_window"]["end_s"] == 1200
+    # the floors of windows starting 14 minutes apart
+    expected = 100 * leak * (1080 - 240) / 60 / (1000 + leak * 4)
+    assert memory["growth_percent"] == pytest.approx(expected, abs=0.6)
+    assert (memory["growth_percent"] >= load.MAX_GROWTH_PERCENT) == fails
+    assert memory["first_window"]["peak_mib"] - memory["first_window"]["floor_mib"] == pytest.approx(500, abs=15)
 
 
 def test_shared_memory_report_tells_leaked_from_in_use_regions():
