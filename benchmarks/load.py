@@ -93,6 +93,7 @@ NO_ANSWER = "no answer before the drain timeout"
 WARMUP_FRACTION = 0.2  # server memory: the first 20 % of the sending time is warm-up
 WINDOW_FRACTION = 0.1  # the memory windows compared are 10 % of the sending time wide
 MAX_GROWTH_PERCENT = 5.0  # the soak's limit on memory growth after warm-up
+FLOOR_TRACE_S = 30.0  # the plot's running floor: the lowest sample of the last 30 s
 SHM = Path("/dev/shm")
 MEASURE = "pss" if Path("/proc/self/smaps_rollup").exists() else "rss"  # what memory_mib reads
 
@@ -398,7 +399,11 @@ def _plot(report: dict, path: Path) -> None:
     )
     ax.legend()
     if memory["measured"]:
-        below.plot([m["t_s"] for m in memory["samples"]], [m["mib"] for m in memory["samples"]], color="tab:green")
+        times, mib = [m["t_s"] for m in memory["samples"]], [m["mib"] for m in memory["samples"]]
+        below.plot(times, mib, color="tab:green", linewidth=0.6, label="samples")
+        # the floor as it goes: the lowest sample of the 30 s before each one
+        floor = [min(v for u, v in zip(times, mib) if t - FLOOR_TRACE_S <= u <= t) for t in times]
+        below.plot(times, floor, color="darkgreen", linewidth=1.5, label=f"floor over {FLOOR_TRACE_S:.0f} s")
         below.axvline(memory["warmup_s"], color="gray", linestyle=":", label="end of warm-up")
         for key, label in (("first_window", "windows compared (floor dashed)"), ("last_window", None)):
             if memory[key]:

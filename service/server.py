@@ -187,10 +187,11 @@ def backend_directory(home: Path) -> Path:
 # dynamic raising) and a bounded number of arenas for the server's many threads
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_ARENA_MAX": "2"}
 # gRPC request/response objects tritonserver keeps for reuse (its default: 8). Each keeps the capacity of the
-# largest messages it carried (a LUMIR pair in, a float16 field out: about 52 MiB), so a default pool filled up to
-# 8 x 52 MiB as requests now and then overlapped; one kept is enough for requests one after another, and the
-# others are freed when their request ends
-GRPC_REUSED_REQUESTS = 1
+# largest messages it carried (a LUMIR pair in, a float16 field out: about 52 MiB), so the default pool filled up
+# to 8 x 52 MiB as requests now and then overlapped, and even one kept object came and went with the overlaps;
+# none kept, each request's buffers are freed when it ends (allocating them again costs milliseconds of a
+# seconds-long request)
+GRPC_REUSED_REQUESTS = 0
 
 
 def server_environment(home: Path) -> dict[str, str]:
