@@ -113,6 +113,8 @@ def cascade(
     steps: int = INTEGRATION_STEPS,
     refine_last: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     coarse: int = 0,
+    matrix: torch.Tensor | None = None,
+    aligned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``network`` ``passes`` times, each on the moving image warped by the passes before it.
 
@@ -125,25 +127,44 @@ def cascade(
         refine_last: ``(fixed, moving_seen, velocity) -> velocity``, applied to the last pass's
             velocity (``moving_seen``: the moving image that pass saw), e.g. :func:`lumireg.network.refine.refine`.
         coarse: 0, or 1 for a :func:`coarse_pass` before the full-resolution passes.
+        matrix: ``(B, 4, 4)`` pull-back affine in voxels (:func:`lumireg.network.align.estimate`) the passes start
+            from: the whole transform is ``x -> M (x + u(x))``, and every pass after the first sees ``moving``
+            resampled once through it and the passes before, not an aligned copy resampled again.
+        aligned: ``moving`` already resampled through ``matrix`` (the first pass's input), when the caller has it.
 
     Returns:
         ``(displacement, velocities)``: the composed ``(B, 3, D, H, W)`` float32
-        pull-back displacement (voxels) and the ``coarse + passes`` velocities in order
-        (for :func:`cascade_inverse`).
+        pull-back displacement (voxels; with ``matrix``, the affine's too) and the ``coarse + passes``
+        velocities in order (for :func:`cascade_inverse`).
     """
     if passes < 1 or coarse not in (0, 1):
         raise ValueError(f"passes must be >= 1 and coarse 0 or 1, got {passes} and {coarse}")
+    # the affine's module resamples with this one's resample_like: imported here, not at the top
+    from lumireg.network.align import affine_displacement, compose_with
+
+    def whole(half: torch.Tensor | None) -> torch.Tensor:
+        """The full-resolution displacement of the affine (if any) after the passes composed in ``half``."""
+        if half is None:
+            return affine_displacement(matrix, moving.shape[2:])
+        full = half_to_full(half)
+        return full if matrix is None else compose_with(matrix, full)
+
     half, velocities = None, []  # the passes so far, composed: half-resolution displacement (half-res voxels)
     schedule = [coarse_pass(network)] * coarse + [network] * passes
     for index, run in enumerate(schedule):
-        seen = moving if half is None else resample_like(moving, half_to_full(half))
+        if half is None and matrix is None:
+            seen = moving
+        elif half is None and aligned is not None:
+            seen = aligned
+        else:
+            seen = resample_like(moving, whole(half))
         velocity = run(fixed, seen).float()
         if refine_last is not None and index == len(schedule) - 1:
             velocity = refine_last(fixed, seen, velocity)
         velocities.append(velocity)
         step = integrate(velocity, steps)
         half = step if half is None else compose(half, step)
-    return half_to_full(half), velocities
+    return whole(half), velocities
 
 
 def cascade_inverse(velocities: list[torch.Tensor], steps: int = INTEGRATION_STEPS) -> torch.Tensor:

@@ -31,7 +31,7 @@ from lumireg.contract import (
     OUTPUT_NAMES,
 )
 from lumireg.kernels import warp
-from lumireg.network.align import compose_inverse, compose_with
+from lumireg.network.align import compose_inverse
 from lumireg.network.align import estimate as estimate_alignment
 from lumireg.network.align import resample as resample_aligned
 from lumireg.network.cascade import cascade, cascade_inverse, resample_like
@@ -118,10 +118,11 @@ def transform(
         refine: instance optimisation steps on the last pass's velocity (:func:`lumireg.network.refine.refine`).
         similarity: refinement's similarity, ``"ncc"`` or ``"mi"``; the alignment's too (local NCC or MI).
         align: ``"none"``, or ``"rigid"`` / ``"affine"``: the moving image is first aligned to the fixed one
-            (:func:`lumireg.network.align.estimate`), the passes run on the aligned pair, and the displacement
+            (:func:`lumireg.network.align.estimate`), the first pass runs on the aligned pair, each later one on
+            the moving image resampled once through the affine and the passes before it, and the displacement
             returned is the whole transform (the network's, then the affine).
         contrast: ``"same"``, or ``"other"`` for images of different contrasts: the network sees the
-            moving image mapped to the fixed image's contrast (:func:`match_contrast`); ``"auto"``: ``"other"``
+            moving image mapped to the fixed image's contrast (:func:`contrast_map`); ``"auto"``: ``"other"``
             for the pairs :func:`lumireg.network.contrast.decide` finds of two contrasts (after the alignment).
         timer: collects seconds in ``network`` (the network's calls), ``refine``, ``align`` and ``integrate``
             (the rest).
@@ -143,31 +144,43 @@ def transform(
         reports.extend(report)
         return velocity
 
-    matrix, aligned = None, None
+    matrix, alignment, aligned = None, None, None
     if align != "none":
         with timer.stage("align", device):
-            matrix, aligned = estimate_alignment(fixed, moving, align, similarity)
-            moving = resample_aligned(moving, matrix)
+            matrix, alignment = estimate_alignment(fixed, moving, align, similarity)
+            aligned = resample_aligned(moving, matrix)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
-    decisions = decide(fixed, moving, contrast)
+    decisions = decide(fixed, moving if aligned is None else aligned, contrast)
     other = [b for b, decision in enumerate(decisions) if decision["used"] == "other"]
     if other:
+        # the map is estimated on the aligned pair and applied to the image each pass resamples
+        tables = contrast_map(timed_network, fixed[other], (moving if aligned is None else aligned)[other], steps)
         moving = moving.clone()
-        moving[other] = match_contrast(timed_network, fixed[other], moving[other], steps)
+        moving[other] = apply_map(tables, moving[other])
+        if aligned is not None:
+            aligned = aligned.clone()
+            aligned[other] = apply_map(tables, aligned[other])
     displacement, velocities = cascade(
-        timed_network, fixed, moving, passes, steps, refine_last=timed_refine if refine else None, coarse=coarse
+        timed_network,
+        fixed,
+        moving,
+        passes,
+        steps,
+        refine_last=timed_refine if refine else None,
+        coarse=coarse,
+        matrix=matrix,
+        aligned=aligned,
     )
-    if matrix is not None:
-        displacement = compose_with(matrix, displacement)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     inside = sum(timer.seconds.get(name, 0.0) for name in ("network", "refine")) - before
     timer.add("integrate", time.perf_counter() - start - inside)
-    return Transform(displacement, velocities, reports or None, aligned, coarse, decisions)
+    return Transform(displacement, velocities, reports or None, alignment, coarse, decisions)
 
 
-def match_contrast(network, fixed: torch.Tensor, moving: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
-    """``moving`` (``uint8 (B, 1, D, H, W)``) in the fixed image's contrast, for the network to register.
+def contrast_map(network, fixed: torch.Tensor, moving: torch.Tensor, steps: int = INTEGRATION_STEPS) -> torch.Tensor:
+    """The look-up tables (``(B, 256)`` uint8, :func:`lumireg.network.contrast.apply_map`) that take ``moving``
+    (``uint8 (B, 1, D, H, W)``) to the fixed image's contrast, for the network to register.
 
     Guimond's adaptive intensity correction in two rounds: the map of
     :func:`lumireg.network.contrast.intensity_map` estimated on the pair as it
@@ -176,7 +189,7 @@ def match_contrast(network, fixed: torch.Tensor, moving: torch.Tensor, steps: in
     """
     mapped = apply_map(intensity_map(fixed, moving), moving)
     first, _ = cascade(network, fixed, mapped, 1, steps)
-    return apply_map(intensity_map(fixed, resample_like(moving, first)), moving)
+    return intensity_map(fixed, resample_like(moving, first))
 
 
 def postprocess(

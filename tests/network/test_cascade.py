@@ -37,15 +37,20 @@ def test_translations_add_exactly():
     torch.testing.assert_close(total, 3 * shift, rtol=0, atol=1e-12)
 
 
-def test_one_pass_is_the_network_alone_and_later_passes_see_the_warped_moving_image():
+def _replaying(seeds):
+    """A network returning smooth half-resolution velocities, one per seed in turn, and recording what it saw."""
     half = tuple(n // 2 for n in SHAPE)
-    velocities = [_smooth(3, 0.4, 10, half).float(), _smooth(3, 0.4, 11, half).float()]
-    seen = []
+    velocities, seen = [_smooth(3, 0.4, seed, half).float() for seed in seeds], []
 
     def network(fixed, moving):
         seen.append(moving.clone())
         return velocities[len(seen) - 1]
 
+    return network, velocities, seen
+
+
+def test_one_pass_is_the_network_alone_and_later_passes_see_the_warped_moving_image():
+    network, velocities, seen = _replaying((10, 11))
     fixed = torch.randint(0, 256, (1, 1, *SHAPE), dtype=torch.uint8)
     moving = torch.randint(0, 256, (1, 1, *SHAPE), dtype=torch.uint8)
     alone, _ = cascade(network, fixed, moving, 1)
@@ -70,6 +75,29 @@ def test_composing_at_half_resolution_matches_composing_at_full_resolution():
     difference = (at_half - at_full)[interior].abs()
     assert at_full.abs().max() > 2.5
     assert difference.mean() < 0.01 and difference.max() < 0.1
+
+
+def test_an_affine_start_is_composed_and_each_later_pass_resamples_the_moving_image_once():
+    from lumireg.network.align import affine_displacement, compose_with
+    from lumireg.network.cascade import resample_like
+
+    network, velocities, seen = _replaying((14, 15))
+    matrix = torch.eye(4)[None].clone()
+    matrix[0, :3, :3] = torch.linalg.matrix_exp(torch.tensor([[0.0, -0.1, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    matrix[0, :3, 3] = torch.tensor([0.7, -1.2, 0.4])
+    fixed = torch.randint(0, 256, (1, 1, *SHAPE), dtype=torch.uint8)
+    moving = torch.randint(0, 256, (1, 1, *SHAPE), dtype=torch.uint8)
+    aligned = resample_like(moving, affine_displacement(matrix, SHAPE))
+    displacement, _ = cascade(network, fixed, moving, 2, matrix=matrix, aligned=aligned)
+    first = half_to_full(integrate(velocities[0]))
+    assert torch.equal(seen[0], aligned)
+    # the second pass: the original moving image through the affine after the first pass, one interpolation
+    assert torch.equal(seen[1], resample_like(moving, compose_with(matrix, first)))
+    passes = half_to_full(compose(integrate(velocities[0]), integrate(velocities[1])))
+    torch.testing.assert_close(displacement, compose_with(matrix, passes))
+    seen.clear()  # without the aligned copy, the cascade makes it
+    cascade(network, fixed, moving, 1, matrix=matrix)
+    assert torch.equal(seen[0], aligned)
 
 
 @pytest.mark.parametrize("passes", [1, 2, 3])
