@@ -600,7 +600,7 @@ def _print(report: dict, path: Path) -> None:
         print(
             f"server {memory['measure']}, floor / peak: {_window(memory['first_window'])} MiB after warm-up "
             f"({memory['warmup_s']:.0f} s), {_window(memory['last_window'])} MiB at the end; floor growth "
-            f"{'-' if growth is None else f'{growth:+.2f}'} %, peak growth {_percent(memory['peak_growth_percent'])} %, "
+            f"{_percent(growth)} %, peak growth {_percent(memory['peak_growth_percent'])} %, "
             f"slope {memory['slope_after_warmup_mib_per_min']:+.2f} "
             f"MiB/min ({len(memory['samples'])} samples)"
         )
