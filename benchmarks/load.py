@@ -53,6 +53,7 @@ below it) in ``<out>/<device>/``.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import math
@@ -402,7 +403,7 @@ def _plot(report: dict, path: Path) -> None:
         times, mib = [m["t_s"] for m in memory["samples"]], [m["mib"] for m in memory["samples"]]
         below.plot(times, mib, color="tab:green", linewidth=0.6, label="samples")
         # the floor as it goes: the lowest sample of the 30 s before each one
-        floor = [min(v for u, v in zip(times, mib) if t - FLOOR_TRACE_S <= u <= t) for t in times]
+        floor = [min(mib[bisect.bisect_left(times, t - FLOOR_TRACE_S) : i + 1]) for i, t in enumerate(times)]
         below.plot(times, floor, color="darkgreen", linewidth=1.5, label=f"floor over {FLOOR_TRACE_S:.0f} s")
         below.axvline(memory["warmup_s"], color="gray", linestyle=":", label="end of warm-up")
         for key, label in (("first_window", "windows compared (floor dashed)"), ("last_window", None)):
@@ -415,7 +416,7 @@ def _plot(report: dict, path: Path) -> None:
             xlabel="time (s from start)",
             ylabel=f"server {MEASURE.upper()} (MiB)",
             title=f"tritonserver + python stubs; floor growth after warm-up "
-            f"{'-' if growth is None else f'{growth:+.2f}'} %, leaked /dev/shm regions: "
+            f"{_percent(growth)} %, leaked /dev/shm regions: "
             f"{len(report['shared_memory']['leaked'])}",
         )
         below.legend()

@@ -140,24 +140,21 @@ def cascade(
     if passes < 1 or coarse not in (0, 1):
         raise ValueError(f"passes must be >= 1 and coarse 0 or 1, got {passes} and {coarse}")
     # the affine's module resamples with this one's resample_like: imported here, not at the top
-    from lumireg.network.align import affine_displacement, compose_with
+    from lumireg.network.align import compose_with, resample
 
-    def whole(half: torch.Tensor | None) -> torch.Tensor:
-        """The full-resolution displacement of the affine (if any) after the passes composed in ``half``."""
-        if half is None:
-            return affine_displacement(matrix, moving.shape[2:])
+    def whole(half: torch.Tensor) -> torch.Tensor:
+        """The full-resolution displacement of the passes composed in ``half``, then the affine (if any)."""
         full = half_to_full(half)
         return full if matrix is None else compose_with(matrix, full)
 
+    if matrix is None:
+        first = moving
+    else:
+        first = resample(moving, matrix) if aligned is None else aligned
     half, velocities = None, []  # the passes so far, composed: half-resolution displacement (half-res voxels)
     schedule = [coarse_pass(network)] * coarse + [network] * passes
     for index, run in enumerate(schedule):
-        if half is None and matrix is None:
-            seen = moving
-        elif half is None and aligned is not None:
-            seen = aligned
-        else:
-            seen = resample_like(moving, whole(half))
+        seen = first if half is None else resample_like(moving, whole(half))
         velocity = run(fixed, seen).float()
         if refine_last is not None and index == len(schedule) - 1:
             velocity = refine_last(fixed, seen, velocity)

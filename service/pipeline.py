@@ -150,16 +150,20 @@ def transform(
             matrix, alignment = estimate_alignment(fixed, moving, align, similarity)
             aligned = resample_aligned(moving, matrix)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
-    decisions = decide(fixed, moving if aligned is None else aligned, contrast)
+    first = moving if aligned is None else aligned  # what the first pass sees
+    decisions = decide(fixed, first, contrast)
     other = [b for b, decision in enumerate(decisions) if decision["used"] == "other"]
     if other:
         # the map is estimated on the aligned pair and applied to the image each pass resamples
-        tables = contrast_map(timed_network, fixed[other], (moving if aligned is None else aligned)[other], steps)
-        moving = moving.clone()
-        moving[other] = apply_map(tables, moving[other])
-        if aligned is not None:
-            aligned = aligned.clone()
-            aligned[other] = apply_map(tables, aligned[other])
+        tables = contrast_map(timed_network, fixed[other], first[other], steps)
+
+        def mapped(image: torch.Tensor) -> torch.Tensor:
+            image = image.clone()
+            image[other] = apply_map(tables, image[other])
+            return image
+
+        moving = mapped(moving)
+        aligned = None if aligned is None else mapped(aligned)
     displacement, velocities = cascade(
         timed_network,
         fixed,
