@@ -19,6 +19,7 @@ BENCHMARKS = {  # subcommand (= module) -> its line in `lumireg bench --help`
     "service": "latency and throughput of the service across batch sizes, concurrency, transports and outputs",
     "load": "open-loop load test at a fixed arrival rate: latency over time, every error counted",
     "kernels": "time the kernels against the PyTorch reference paths",
+    "traffic": "bytes each kernel moves per voxel, counted under Triton's interpreter",
     "accuracy": "Dice / HD95 / NDV of lumireg vs no registration and ANTs SyN on held-out pairs",
     "refine": "cost of one refinement step and of requests with refine steps",
     "align": "cost and accuracy of the affine pre-alignment stage on brains in scanner pose",
@@ -50,7 +51,7 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
 
 def add_parser(sub) -> None:
-    """``lumireg bench service|load|kernels|accuracy|refine|align|capacity``; ``lumireg bench`` alone lists them
+    """``lumireg bench service|load|kernels|traffic|accuracy|refine|align|capacity``; ``lumireg bench`` alone lists them
     (EXIT_USAGE)."""
     bench = sub.add_parser(
         "bench",

@@ -17,6 +17,9 @@
 #   pipeline    the served computation in process (network + post-processing), B = 1, 2, 4, 8 (pipeline.json)
 #   serve       the embedded server (nvidia-pytriton) on the GPU: `lumireg bench service`, batch 1..8 and
 #               concurrency 1..8 (service.json, .csv, .png); SERVICE_ARGS overrides "--requests 20 --warmup 3"
+#   sweep       `lumireg bench kernels --sweep-blocks` at B = 1: every op over BLOCK x warps, each size checked
+#               against the reference, the fastest correct one per op (kernels-sweep.json); needs a GPU (a
+#               rehearsal skips it)
 #   refine      `lumireg bench refine`: one refinement step and requests with refine = 10, 25, 50 (refine.json)
 #   align       `lumireg bench align`: the affine pre-alignment on 8 posed brains (align.json)
 #   servetests  the embedded server's tests, the client's, the export's and the benchmarks' (served vs in
@@ -48,8 +51,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-ORDER=(kernels pipeline serve refine align servetests load scaling)
-declare -A LIMIT=([preflight]=60 [kernels]=240 [pipeline]=150 [serve]=360 [refine]=180 [align]=180
+ORDER=(kernels pipeline serve sweep refine align servetests load scaling)
+declare -A LIMIT=([preflight]=60 [kernels]=240 [pipeline]=150 [serve]=360 [sweep]=240 [refine]=180 [align]=180
     [servetests]=420 [load]=150 [scaling]=480)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -304,6 +307,13 @@ for step in "${ORDER[@]}"; do
             run kernel-bench kernels "$PY" -m lumireg bench kernels "${kbench[@]}" --out "$RESULTS" ${BENCH_ARGS:-} ;;
         pipeline) run pipeline pipeline pipeline ;;
         serve) run service-bench serve "$PY" -m lumireg bench service "${service[@]}" --out "$RESULTS" ;;
+        sweep)
+            if [ $rehearse = 1 ]; then
+                echo "sweep: skipped in a rehearsal (it times Triton launch sizes: a GPU only)" | tee -a "$LOG"
+            else
+                run kernel-sweep sweep "$PY" -m lumireg bench kernels --device cuda --batch-sizes 1 --sweep-blocks \
+                    --out "$RESULTS"
+            fi ;;
         refine) run refine refine "$PY" -m lumireg bench refine --device $dev "${refine[@]}" --out "$RESULTS" ;;
         align) run align align "$PY" -m lumireg bench align --device $dev "${align[@]}" --out "$RESULTS" ;;
         servetests) run servetests servetests "$PY" -m pytest "${servetests[@]}" ;;

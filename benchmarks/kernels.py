@@ -26,9 +26,10 @@ terminal and ``<out>/<device-slug>/kernels.json``.
 program x warps per program (:data:`SWEEP_BLOCKS` x :data:`SWEEP_WARPS`; the
 sizes ``lumireg.kernels._dispatch.LAUNCH`` holds), checks every size against
 the reference and writes the fastest correct forward + backward per op under
-``"sweep"``. Not ``triton.autotune``: the warp backward's atomics would add
-twice into the same gradient while it tried sizes, and NCC's partial sums are
-a buffer sized from the block.
+``"sweep"``, into ``kernels-sweep.json`` instead (a sweep does not replace the
+timings of other batch sizes). Not ``triton.autotune``: the warp backward's
+atomics would add twice into the same gradient while it tried sizes, and
+NCC's partial sums are a buffer sized from the block.
 """
 
 from __future__ import annotations
@@ -153,13 +154,13 @@ def _smooth(batch, channels, shape, amplitude, factor, gen, device) -> torch.Ten
     return F.interpolate(low.to(device), size=tuple(shape), mode="trilinear", align_corners=True)
 
 
-def _setup(op, shape, batch, device, gen):
-    """Inputs, indices of those that take gradients, upstream gradient, ours and the reference."""
+def _setup(op, shape, batch, device, gen, backend="auto"):
+    """Inputs, indices of those that take gradients, upstream gradient, ours (on ``backend``) and the reference."""
     if op == "warp":
         image = _smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5
         disp = _smooth(batch, 3, shape, 5.0, 16, gen, device)
         transformer = GridTransformer(shape).to(device)
-        return (image, disp), (0, 1), image, kernels.warp, transformer
+        return (image, disp), (0, 1), image, lambda i, d: kernels.warp(i, d, backend=backend), transformer
     if op == "integrate":
         velocity = _smooth(batch, 3, shape, 10.0, 16, gen, device)
         transformer = GridTransformer(shape).to(device)
@@ -167,7 +168,7 @@ def _setup(op, shape, batch, device, gen):
             (velocity,),
             (0,),
             velocity,
-            lambda v: kernels.integrate(v, STEPS),
+            lambda v: kernels.integrate(v, STEPS, backend),
             lambda v: vecint_reference(transformer, v),
         )
     fixed = _smooth(batch, 1, shape, 0.5, 4, gen, device) + 0.5
@@ -180,10 +181,11 @@ def _setup(op, shape, batch, device, gen):
             (fixed, moving),
             (1,),
             fixed[:, 0, 0, 0, 0],
-            lambda f, m: kernels.mutual_information(f, m, BINS, SIGMA),
+            lambda f, m: kernels.mutual_information(f, m, BINS, SIGMA, backend),
             parzen_mi_reference,
         )
-    return (fixed, moving), (1,), fixed[:, 0, 0, 0, 0], lambda f, m: kernels.local_ncc(f, m, WINDOW), ncc_reference
+    ours = lambda f, m: kernels.local_ncc(f, m, WINDOW, backend)  # noqa: E731
+    return (fixed, moving), (1,), fixed[:, 0, 0, 0, 0], ours, ncc_reference
 
 
 def _forward_backward(fn, inputs, grad_idx, grad_out):
@@ -470,7 +472,7 @@ def run(args) -> int:
         "rows": rows,
         **({"sweep": sweep} if sweep else {}),
     }
-    path = Path(args.out) / slug(device_label) / "kernels.json"
+    path = Path(args.out) / slug(device_label) / ("kernels-sweep.json" if sweep else "kernels.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")

@@ -14,6 +14,7 @@ OPTIONS = {  # every option each subcommand takes, and no other
     "service": {"--url", "--metrics-url", "--batch-sizes", "--concurrency", "--requests", "--warmup", "--out"},
     "load": {"--url", "--metrics-url", "--rate", "--duration", "--outputs", "--bad-request-every", "--soak", "--out"},
     "kernels": {"--device", "--shape", "--batch-sizes", "--warmup", "--repeats", "--sweep-blocks", "--out"},
+    "traffic": {"--shape", "--ops", "--out"},
     "accuracy": {"--pairs", "--methods", "--checkpoint", "--shape", "--sets", "--refine-steps", "--out"},
     "refine": {"--device", "--steps", "--similarities", "--repeats", "--shape", "--out"},
     "align": {"--device", "--poses", "--modes", "--similarities", "--shape", "--out"},

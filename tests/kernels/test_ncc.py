@@ -133,6 +133,32 @@ def test_triton_gradients_match_twin_for_both_inputs(rng, triton_device, dtype, 
         assert err < tol, f"{name} shape {shape}: max gradient error {err:.2e} of the largest"
 
 
+def test_triton_backward_from_kept_coefficients_repeats_and_no_grad_keeps_none(rng, triton_device, monkeypatch):
+    """The forward keeps the gradient's coefficients only when a gradient will be taken; a second backward over
+    the same graph (retain_graph) reads them unchanged and gives the same gradient."""
+    import lumireg.kernels.ncc as ncc_module
+
+    kept = []
+    forward = ncc_module.ncc_forward
+
+    def spy(*args):
+        cc, coef = forward(*args)
+        kept.append(coef)
+        return cc, coef
+
+    monkeypatch.setattr(ncc_module, "ncc_forward", spy)
+    fixed, moving = (t.to(triton_device) for t in pair((1, 1, 6, 7, 8), rng, torch.float64))
+    with torch.no_grad():
+        plain = local_ncc(fixed, moving.clone().requires_grad_(), 5, backend="triton")
+    moving.requires_grad_()
+    cc = local_ncc(fixed, moving, 5, backend="triton")
+    assert kept[0] is None and kept[1].shape == (1, 5, 6 * 7 * 8)
+    assert torch.equal(cc.detach(), plain)
+    first = torch.autograd.grad(cc, moving, retain_graph=True)[0]
+    second = torch.autograd.grad(cc, moving)[0]
+    assert torch.equal(first, second) and first.abs().max() > 0
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gradient_reaches_only_the_input_that_requires_it(rng, triton_device, backend):
     device = triton_device if backend == "triton" else "cpu"
