@@ -8,8 +8,15 @@ other's with the joint histogram: each moving intensity ``m`` becomes
 ``E[F | M = m]``, the mean fixed intensity where the moving image has ``m``,
 and re-estimate the map once the images are closer. :func:`intensity_map`
 estimates that map (a 256-entry look-up table per pair) from the voxels where
-either image is nonzero, smoothed over neighbouring intensities so sparse
-bins do not jump; background (0) stays 0.
+both images are brain (nonzero), smoothed over neighbouring intensities so
+sparse bins do not jump; background (0) stays 0. Voxels where only one image
+is brain are left out: before registration they lie along the brain's edge,
+CSF in both images, and would pair the moving image's CSF with the fixed
+image's background, which is right for a T2 moving image (CSF bright, T1's
+dark) and wrong for a T1 one. On 8 validation T1/T2 pairs (independent
+generator, outside the held-out set) the default request scored Dice 0.753
+against 0.743 with those voxels (T2 fixed, T1 moving: +0.006 to +0.057; the
+reverse: -0.007 to -0.014), TRE 1.53 against 1.73 voxels.
 
 Which pairs need it (request parameter ``contrast=auto``, :func:`decide`): the
 Pearson correlation of the two images' intensities over the voxels where both
@@ -78,8 +85,8 @@ def intensity_map(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``table[b, m]`` = the smoothed mean of ``fixed[b]`` over the voxels where
-        ``moving[b] == m`` (``0`` for ``m = 0``); a level that never occurs takes
-        its neighbours' value through the smoothing.
+        ``moving[b] == m`` and both images are nonzero (``0`` for ``m = 0``); a level
+        that never occurs there takes its neighbours' value through the smoothing, or 0.
     """
     if fixed.dtype != torch.uint8 or moving.dtype != torch.uint8 or fixed.shape != moving.shape:
         raise ValueError(f"fixed and moving must be uint8 of one shape, got {fixed.dtype} {moving.dtype}")
@@ -88,8 +95,8 @@ def intensity_map(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (offsets / SMOOTH_LEVELS) ** 2).view(1, 1, -1)
     tables = []
     for f, m in zip(fixed.flatten(1).long(), moving.flatten(1).long()):
-        either = (f > 0) | (m > 0)
-        f, m = f[either], m[either]
+        brain = (f > 0) & (m > 0)
+        f, m = f[brain], m[brain]
         counts = torch.bincount(m, minlength=LEVELS).double()
         sums = torch.bincount(m, weights=f.double(), minlength=LEVELS)
         counts, sums = (F.conv1d(x.view(1, 1, -1), kernel, padding=radius).view(-1) for x in (counts, sums))

@@ -35,6 +35,15 @@ def test_each_pair_of_a_batch_gets_its_own_map():
     assert tables[0][230] < 60 and tables[1][40] > 200  # CSF: bright in T2, dark in T1
 
 
+def test_the_map_ignores_voxels_where_only_one_image_is_brain():
+    """Misaligned brains overlap at their edges, where one image's CSF meets the other's background: a T1 moving
+    image's dark CSF there must still map to T2's bright CSF, not towards the background's 0."""
+    t1, t2, tissue = _t1_and_t2(3)  # fixed T2, moving T1
+    moving = torch.where(tissue > 0, t1, torch.full_like(t1, 40))  # the fixed image's background is CSF here
+    assert intensity_map(t2, moving)[0, 40] > 200
+    assert intensity_map(t2, t1)[0, 40] > 200
+
+
 def test_images_must_be_uint8_of_one_shape():
     t1, t2, _ = _t1_and_t2()
     with pytest.raises(ValueError, match="uint8"):
