@@ -12,17 +12,20 @@ and predicts a velocity ``v_k`` for what is left. With ``phi_k(x) = x + u_k(x)``
 a composition of diffeomorphisms is one, and its inverse is
 ``phi_n^-1 o ... o phi_1^-1``, each ``phi_k^-1`` the integral of ``-v_k``.
 
-The passes' fields are integrated and composed at half resolution, where
-the network's velocities live, and brought to full resolution once (a
-trilinear upsampling, as :func:`~lumireg.network.model.velocity_to_displacement`
-does for one pass): composing two full-resolution fields costs eight times
-as much and differs from it only by interpolation: on the bundled network's
-fields, 0.003-0.006 voxels on average (validation pairs; Dice the same to
-0.001). Each pass after the first sees the moving
-image resampled by the full-resolution field of the passes before it.
+Each pass's velocity is integrated where it lives: a full-resolution pass's
+at half resolution, the coarse pass's at quarter resolution (an eighth of
+the work again), then brought to half resolution; the passes' fields are
+composed there and brought to full resolution once (a trilinear upsampling,
+as :func:`~lumireg.network.model.velocity_to_displacement` does for one
+pass). Composing two full-resolution fields costs eight times as much and
+differs from it only by interpolation: on the bundled network's fields,
+0.003-0.006 voxels on average (validation pairs; Dice the same to 0.001).
+Each pass after the first sees the moving image resampled by the
+full-resolution field of the passes before it.
 
 Conventions: images ``(B, 1, D, H, W)``; velocities ``(B, 3, D/2, H/2, W/2)``
-in half-resolution voxels; displacements ``(B, 3, D, H, W)`` float32 in
+in half-resolution voxels (the coarse pass's ``(B, 3, D/4, H/4, W/4)`` in
+quarter-resolution voxels); displacements ``(B, 3, D, H, W)`` float32 in
 voxels, pull-back from the fixed grid, channel c along array axis c.
 """
 
@@ -74,12 +77,12 @@ def coarse_pass(
     Both images are halved (means of 2x2x2 blocks; on the canvas 80 x 112 x 96, an eighth of the voxels, so an
     eighth of a pass's work) and, where a halved size is no multiple of :data:`~lumireg.contract.SIZE_MULTIPLE`,
     set in the middle of a zero volume of the next multiple (background, as around a brain). The velocity the
-    network finds for them, in units of 4 voxels on a grid of 4-voxel steps, is resampled onto the
-    half-resolution grid of the full pair (trilinear, block centres matched: ``align_corners=False``) and scaled
-    to its units (2 voxels). D, H, W must be even.
+    network finds for them lives on a grid of 4-voxel steps, in units of 4 voxels: the part under the halved
+    images is the pair's quarter-resolution velocity. D, H, W must be divisible by 4.
 
     Returns:
-        ``(fixed, moving) -> velocity`` like ``network``: ``(B, 3, D/2, H/2, W/2)`` half-resolution voxels.
+        ``(fixed, moving) -> velocity``: ``(B, 3, D/4, H/4, W/4)`` quarter-resolution voxels (:func:`cascade`
+        integrates it there and brings the field to half resolution).
     """
 
     def run(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -99,10 +102,16 @@ def coarse_pass(
             return out
 
         velocity = network(halved(fixed), halved(moving)).float()
-        middle = velocity[(..., *[slice(s // 2, (s + h) // 2) for s, h in zip(start, half)])]
-        return 2 * F.interpolate(middle, size=tuple(half), mode="trilinear", align_corners=False)
+        return velocity[(..., *[slice(s // 2, (s + h) // 2) for s, h in zip(start, half)])]
 
     return run
+
+
+def _integrated(velocity: torch.Tensor, half: torch.Size, steps: int) -> torch.Tensor:
+    """The displacement of ``velocity`` (half- or quarter-resolution, :func:`coarse_pass`), integrated on its own
+    grid, on the half-resolution grid ``half`` in half-resolution voxels."""
+    step = integrate(velocity, steps)
+    return step if tuple(step.shape[2:]) == tuple(half) else half_to_full(step)
 
 
 def cascade(
@@ -159,14 +168,14 @@ def cascade(
         if refine_last is not None and index == len(schedule) - 1:
             velocity = refine_last(fixed, seen, velocity)
         velocities.append(velocity)
-        step = integrate(velocity, steps)
+        step = _integrated(velocity, [n // 2 for n in fixed.shape[2:]], steps)
         half = step if half is None else compose(half, step)
     return whole(half), velocities
 
 
 def cascade_inverse(velocities: list[torch.Tensor], steps: int = INTEGRATION_STEPS) -> torch.Tensor:
     """The inverse of :func:`cascade`'s transform, ``(B, 3, D, H, W)`` voxels: pulls fixed onto the moving grid."""
-    inverse = integrate(-velocities[-1], steps)
+    inverse = integrate(-velocities[-1], steps)  # the last is a full-resolution pass's: the half-resolution grid
     for velocity in reversed(velocities[:-1]):
-        inverse = compose(inverse, integrate(-velocity, steps))
+        inverse = compose(inverse, _integrated(-velocity, inverse.shape[2:], steps))
     return half_to_full(inverse)

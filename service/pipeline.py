@@ -77,7 +77,8 @@ class Transform(NamedTuple):
 
     Attributes:
         displacement: ``(B, 3, D, H, W)`` float32 voxels, pull-back from the fixed grid (the whole transform).
-        velocities: the passes' ``(B, 3, D/2, H/2, W/2)`` velocities, for :func:`postprocess`'s inverse.
+        velocities: the passes' velocities (:func:`lumireg.network.cascade.cascade`), for :func:`postprocess`'s
+            inverse.
         refinement: the refinement's report per pair; None when ``refine`` was 0.
         alignment: the alignment's report per pair (:func:`lumireg.network.align.estimate`; its matrix makes the
             inverse, its fields go into the QC report); None when ``align`` was ``"none"``.
@@ -216,7 +217,7 @@ def postprocess(
 
     Args:
         displacement: ``(B, 3, D, H, W)`` float32 pull-back displacement in voxels (:func:`transform`).
-        velocities: the passes' ``(B, 3, D/2, H/2, W/2)`` velocities (half-resolution voxels), for the inverse.
+        velocities: the passes' velocities (:func:`lumireg.network.cascade.cascade`), for the inverse.
         fixed, moving: ``uint8 (B, 1, D, H, W)`` on the displacement's device.
         wanted: output names (:data:`lumireg.contract.OUTPUT_NAMES`).
         moving_labels: ``int32 (B, 1, D, H, W)``; needed for ``warped_labels``.
