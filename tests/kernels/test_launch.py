@@ -156,14 +156,14 @@ def test_block_sweep_checks_and_times_every_size_and_keeps_the_default(monkeypat
 
 
 def test_kernel_benchmark_reports_seven_launches_forward_and_fourteen_forward_backward_for_integrate(monkeypatch):
-    import functools
     import types
 
     from lumireg.benchmarks import kernels as bench
 
-    monkeypatch.setattr(
-        bench, "kernels", types.SimpleNamespace(integrate=functools.partial(integrate, backend="triton"))
-    )
+    def on_triton(velocity, steps, backend="auto"):  # the benchmark's "auto" would run the twin on a CPU
+        return integrate(velocity, steps, backend="triton")
+
+    monkeypatch.setattr(bench, "kernels", types.SimpleNamespace(integrate=on_triton))
     monkeypatch.setattr(bench, "use_triton", lambda backend, tensor: True)
     monkeypatch.setattr(bench, "_median_ms", lambda *_: 1.0)
     rows = bench._run_case("integrate", (6, 7, 8), 1, torch.device("cpu"), types.SimpleNamespace(warmup=0, repeats=1))
