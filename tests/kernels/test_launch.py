@@ -137,13 +137,15 @@ def test_block_sweep_on_a_host_without_gpu_says_it_needs_one(tmp_path, monkeypat
 
 
 def test_block_sweep_checks_and_times_every_size_and_keeps_the_default(monkeypatch):
-    import functools
     import types
 
     from lumireg.benchmarks import kernels as bench
 
+    def on_triton(image, disp, backend="auto"):  # the benchmark's "auto" would run the twin on a CPU
+        return warp(image, disp, backend="triton")
+
     # the Triton path under the interpreter, timed by a stand-in clock that prefers 512 voxels x 8 warps
-    monkeypatch.setattr(bench, "kernels", types.SimpleNamespace(warp=functools.partial(warp, backend="triton")))
+    monkeypatch.setattr(bench, "kernels", types.SimpleNamespace(warp=on_triton))
     clock = {(512, 8): 1.0}
     monkeypatch.setattr(bench, "_median_ms", lambda *_: clock.get(tuple(_dispatch.LAUNCH["warp"]), 2.0))
     default = _dispatch.LAUNCH["warp"]
