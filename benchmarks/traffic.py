@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from lumireg.benchmarks.kernels import MIN_BYTES_PER_VOXEL, OPS, _setup
 from lumireg.contract import EXIT_OK, EXIT_USAGE
 
 DEFAULT_SHAPE = "32,40,48"
@@ -156,10 +158,6 @@ def measure(op: str, shape: tuple[int, int, int]) -> dict:
     Returns ``{"fwd": ..., "bwd": ..., "fwd+bwd": ...}``, each with ``launches``, ``requested``, ``unique`` and
     ``kernels`` (the same per kernel name).
     """
-    import torch
-
-    from lumireg.benchmarks.kernels import OPS, _setup
-
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     gen = torch.Generator().manual_seed(OPS.index(op))
@@ -179,19 +177,13 @@ def measure(op: str, shape: tuple[int, int, int]) -> dict:
     }
 
 
-def _floor(op: str, pass_: str) -> int | None:
-    from lumireg.benchmarks.kernels import MIN_BYTES_PER_VOXEL
-
-    return MIN_BYTES_PER_VOXEL.get((op, pass_))
-
-
 def _print_table(result: dict) -> None:
     head = f"{'op':<18} {'pass':<8} {'launches':>8} {'requested B/vox':>15} {'unique B/vox':>12} {'floor B/vox':>11}"
     print(head)
     print("-" * len(head))
     for op, passes in result.items():
         for name, row in passes.items():
-            floor = _floor(op, name)
+            floor = MIN_BYTES_PER_VOXEL.get((op, name))
             print(
                 f"{op:<18} {name:<8} {row['launches']:>8} {row['requested']:>15.1f} {row['unique']:>12.1f} "
                 f"{'' if floor is None else floor:>11}"
@@ -217,8 +209,6 @@ def run(args) -> int:
 
     Starts itself again with ``TRITON_INTERPRET=1`` when the interpreter is off (the child's exit code is returned).
     """
-    from lumireg.benchmarks.kernels import MIN_BYTES_PER_VOXEL, OPS
-
     try:
         shape = tuple(int(s) for s in args.shape.split(","))
         if len(shape) != 3 or min(shape) < 2:

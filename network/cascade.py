@@ -31,7 +31,7 @@ voxels, pull-back from the fixed grid, channel c along array axis c.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ def coarse_pass(
     return run
 
 
-def _integrated(velocity: torch.Tensor, half: torch.Size, steps: int) -> torch.Tensor:
+def _integrated(velocity: torch.Tensor, half: Sequence[int], steps: int) -> torch.Tensor:
     """The displacement of ``velocity`` (half- or quarter-resolution, :func:`coarse_pass`), integrated on its own
     grid, on the half-resolution grid ``half`` in half-resolution voxels."""
     step = integrate(velocity, steps)
