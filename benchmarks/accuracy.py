@@ -18,7 +18,8 @@ nonzero voxels, SDlogJ, and seconds per pair. The sets (:data:`SETS`):
 
 Methods: ``none``, ``syn`` (antspyx), and lumireg with the request parameters
 of :data:`REQUESTS` (the network alone, two passes, refinement with NCC or MI,
-the contrast mapping for pairs of two contrasts, alone and refined with MI).
+the contrast mapping for pairs of two contrasts, alone and refined with MI), and on the pose set
+``lumireg-unposed``, its ceiling (:mod:`lumireg.benchmarks.pose`).
 
 Each set's and method's rows go to ``<out>/<device>/accuracy-<method>.json``
 (synthetic) or ``accuracy-<set>-<method>.json`` so a slow baseline (SyN takes
@@ -60,7 +61,9 @@ from lumireg.evaluate import (
 REFINE_STEPS = 20  # the refinement methods' default steps (--refine-steps)
 # each lumireg method is a set of request parameters (lumireg.contract.PARAMETERS) the service would get;
 # lumireg: the service's default (a coarse pass, then one full-resolution pass); lumireg-1pass: the full-resolution pass
-# alone (coarse=0); the refine steps are filled in from --refine-steps
+# alone (coarse=0); the refine steps are filled in from --refine-steps; UNPOSED runs on the pose set only: the default
+# request on the pair before posing, scored through the posed labels (lumireg.benchmarks.pose.world_anchored)
+UNPOSED = "lumireg-unposed"
 REQUESTS = {
     "lumireg": {"passes": 1},
     "lumireg-1pass": {"passes": 1, "coarse": 0},
@@ -69,6 +72,7 @@ REQUESTS = {
     "lumireg-refine-mi": {"passes": 1, "similarity": "mi"},
     "lumireg-contrast": {"passes": 1, "contrast": "other"},
     "lumireg-contrast-refine-mi": {"passes": 1, "contrast": "other", "similarity": "mi"},
+    UNPOSED: {"passes": 1},
 }
 METHODS = ("none", "syn", *REQUESTS)
 CANVAS_ONLY_SETS = {"pose"}  # scanner-pose copies of canvas pairs (lumireg.benchmarks.pose): no --shape
@@ -356,14 +360,17 @@ def benchmark(
     shown = {}
     for set_name in sets:
         labels, loaders = set_labels(set_name), pair_set(set_name, pairs, shape)
-        rows = {method: [] for method in methods}
+        rows = {method: [] for method in methods if method != UNPOSED or set_name == "pose"}
         for index, load in enumerate(tqdm(loaders, desc=set_name, unit="pair")):
             sample = load()  # once per pair: every method registers the same images
             fixed, moving = sample["fixed"][0].numpy(), sample["moving"][0].numpy()
             posed = pose.posed_pair(sample, index) if set_name == "pose" else None
-            for method in methods:
+            for method in rows:
                 started, warped = time.perf_counter(), None
-                if posed is not None:
+                if posed is not None and method == UNPOSED:
+                    disp = pose.world_anchored(posed, _register_lumireg(fixed, moving, model, requests[method]))
+                    warped = pose.on_fixed_grid(posed, "moving_labels", disp)
+                elif posed is not None:
                     warped, disp = _register_posed(method, posed, model, requests.get(method))
                 elif method in requests:
                     disp = _register_lumireg(fixed, moving, model, requests[method])
@@ -374,7 +381,7 @@ def benchmark(
                 rows[method].append({"seed": int(sample["seed"]), **scores, "seconds": seconds})
                 if method == "lumireg" and set_name not in shown:
                     shown[set_name] = _shown(sample, disp, posed)
-        for method in methods:
+        for method in rows:
             result = {
                 **header("accuracy", f"cpu {cpu_model()}"),
                 "set": set_name,

@@ -12,6 +12,10 @@ scanner's range. Every method gets the same posed images:
 - lumireg's methods: :class:`lumireg.client.registration.RegistrationClient`'s whole path (canvas placement,
   the server's ``align=affine`` for a non-LUMIR image, the answer mapped back onto the fixed grid), with the
   server's computation run in this process (:class:`InProcessClient`).
+- ``lumireg-unposed``: the default request on the pair before posing, its displacement carried through the
+  head's world motion (:func:`world_anchored`) and the posed labels warped with it: the same transform as on
+  the unposed pair, so what it loses there is the posed labels' own resampling (nearest neighbour onto the
+  rotated 1.3 mm grid and back), the ceiling of every method on this set.
 
 Scored on the fixed grid: Dice and HD95 of the warped labels, and NDV and SDlogJ of the map from fixed voxels to
 the world point each one corresponds to, in fixed voxels (1 mm), within the unposed moving image's mask.
@@ -136,6 +140,14 @@ def _world_map(coordinates: np.ndarray) -> np.ndarray:
     inverse = np.linalg.inv(fixed_affine())
     voxels = np.einsum("ij,j...->i...", inverse[:3, :3], coordinates) + inverse[:3, 3, None, None, None]
     return (voxels - grid).astype(np.float32)
+
+
+def world_anchored(pair: dict, disp: np.ndarray) -> np.ndarray:
+    """A displacement of the unposed pair (``(3, *CANVAS)`` fixed voxels into the unposed moving canvas) as the
+    posed pair's world-anchored one (:func:`on_fixed_grid`): each mapped point carried through the head's motion."""
+    mapped = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in CANVAS], indexing="ij")) + disp
+    motion = pair["world"] @ fixed_affine()
+    return _world_map(np.einsum("ij,j...->i...", motion[:3, :3], mapped) + motion[:3, 3, None, None, None])
 
 
 def on_fixed_grid(pair: dict, name: str, disp: np.ndarray) -> np.ndarray:

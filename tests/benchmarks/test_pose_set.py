@@ -24,15 +24,6 @@ def posed():
     return sample, pose.posed_pair(sample, 0)
 
 
-def _true_displacement(world: np.ndarray) -> np.ndarray:
-    """The displacement (fixed voxels) of fixed voxel x -> world motion of its world point: the right answer."""
-    affine = pose.fixed_affine()
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in CANVAS], indexing="ij"))
-    through = np.linalg.inv(affine) @ world @ affine
-    moved = np.einsum("ij,j...->i...", through[:3, :3], grid) + through[:3, 3, None, None, None]
-    return (moved - grid).astype(np.float32)
-
-
 def test_the_posed_copy_is_stored_as_a_scanner_stores_it(posed):
     _, pair = posed
     moving, labels = pair["moving"], pair["moving_labels"]
@@ -50,7 +41,7 @@ def test_the_posed_copy_is_stored_as_a_scanner_stores_it(posed):
 def test_the_true_motion_maps_the_posed_labels_back_and_no_registration_does_not(posed):
     sample, pair = posed
     labels = set_labels("pose")
-    truth = _true_displacement(pair["world"])
+    truth = pose.world_anchored(pair, np.zeros((3, *CANVAS), np.float32))  # the head's motion alone: the truth
     back = pose.on_fixed_grid(pair, "moving_labels", truth)
     right = score(truth, sample, labels, back, pair)
     warped, zero = pose.register_none(pair)
@@ -67,3 +58,19 @@ def test_the_pose_set_is_defined_on_lumirs_canvas_only():
     small = torch.zeros(1, 16, 16, 16)
     with pytest.raises(ValueError, match="canvas"):
         pose.posed_pair({"fixed": small, "moving": small, "moving_labels": small.int()}, 0)
+
+
+def test_an_unposed_displacement_carried_through_the_motion_scores_alike_through_the_posed_labels(posed):
+    sample, pair = posed
+    labels = set_labels("pose")
+    grid = np.meshgrid(*[np.linspace(0, np.pi, n) for n in CANVAS], indexing="ij")
+    disp = np.stack([2.5 * np.sin(grid[1]) * np.sin(grid[2]), 1.5 * np.sin(grid[0]), -2.0 * np.sin(grid[2])])
+    disp = disp.astype(np.float32)  # smooth, a few voxels: a registration's answer on the unposed pair
+    direct = score(disp, sample, labels)
+    carried = pose.world_anchored(pair, disp)
+    through = score(carried, sample, labels, pose.on_fixed_grid(pair, "moving_labels", carried), pair)
+    assert through["tre"] == pytest.approx(direct["tre"], abs=1e-3) and direct["tre"] > 1  # the same map
+    assert through["ndv_percent"] == direct["ndv_percent"] == 0
+    assert direct["dice"] - 0.05 < through["dice"] < direct["dice"]  # less only by the posed labels' resampling
+    unmoved = score(disp, sample, labels, pose.on_fixed_grid(pair, "moving_labels", disp), pair)
+    assert unmoved["dice"] < 0.5 and unmoved["tre"] > 10  # not carried through the motion, it misses the head
