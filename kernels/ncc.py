@@ -292,23 +292,42 @@ class LocalNCCFunction(torch.autograd.Function):
         )
 
 
-def local_ncc_torch(fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC_WINDOW) -> torch.Tensor:
-    """The PyTorch twin of :func:`local_ncc`: separable box sums as sums of shifted slices.
+def _box_sums(volume: torch.Tensor, window: int) -> torch.Tensor:
+    """Sums of ``volume`` ``(B, C, D, H, W)`` over ``window`` consecutive voxels along D, H and W, zero-padded by
+    ``window // 2`` (same shape).
 
-    All five fields are boxed together, one axis at a time: zero-padded by ``window // 2``, then the ``window``
-    slices shifted by one voxel each are added (3-8x faster on a CPU than ``F.avg_pool3d``, forward and
-    backward, and a plain sum, not a mean scaled back). Autograd gives the backward.
+    Along each axis, runs of 1, 2, 4, ... voxels are each made from the last by one addition, and those of
+    ``window``'s binary digits added up: 4 additions for a window of 9 where shifted slices take 8 (on a CPU
+    1.6-2x faster forward and backward at 9, 1.15x at 5).
+    """
+    pad = window // 2
+    for dim in (4, 3, 2):
+        size = volume.shape[dim]
+        run = F.pad(volume, (0, 0) * (4 - dim) + (pad, pad))  # run[k]: sum of the padded voxels k .. k + width - 1
+        width, start, total, digits = 1, 0, None, window
+        while True:
+            if digits & 1:
+                piece = run.narrow(dim, start, size)
+                total = piece if total is None else total + piece
+                start += width
+            digits >>= 1
+            if not digits:
+                break
+            length = run.shape[dim] - width
+            run, width = run.narrow(dim, 0, length) + run.narrow(dim, width, length), 2 * width
+        volume = total
+    return volume
+
+
+def local_ncc_torch(fixed: torch.Tensor, moving: torch.Tensor, window: int = NCC_WINDOW) -> torch.Tensor:
+    """The PyTorch twin of :func:`local_ncc`: separable box sums (:func:`_box_sums`) of all five fields together.
+
+    Plain sums of shifted slices, not ``F.avg_pool3d`` (3-8x slower on a CPU, forward and backward) and not a
+    mean scaled back. Autograd gives the backward.
     """
     acc = compute_dtype(fixed, moving)
     i, j = fixed.to(acc), moving.to(acc)
-    sums = torch.cat([i, j, i * i, j * j, i * j], dim=1)
-    pad = window // 2
-    for dim in (4, 3, 2):
-        size = sums.shape[dim]
-        padded = F.pad(sums, (0, 0) * (4 - dim) + (pad, pad))
-        sums = padded.narrow(dim, 0, size)
-        for shift in range(1, window):
-            sums = sums + padded.narrow(dim, shift, size)
+    sums = _box_sums(torch.cat([i, j, i * i, j * j, i * j], dim=1), window)
     s_i, s_j, s_ii, s_jj, s_ij = sums.chunk(FIELDS, dim=1)
     n = window**3
     cross = s_ij - s_i * s_j / n

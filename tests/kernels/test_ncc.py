@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 
 from lumireg.kernels._dispatch import LAUNCH
-from lumireg.kernels.ncc import local_ncc
+from lumireg.kernels.ncc import _box_sums, local_ncc
 
 
 def voxelmorph_ncc(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> torch.Tensor:
@@ -83,6 +83,14 @@ def test_torch_twin_float32_matches_voxelmorph_formula(rng, batch, channels, win
     assert out.shape == (batch,) and out.dtype == torch.float32
     err = max_rel(out, voxelmorph_ncc(fixed, moving, window))
     assert err < 1e-5, f"shape {shape} window {window}: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 7, 9, 11, 13])
+def test_twin_box_sums_match_a_conv3d_of_ones_for_every_binary_pattern_of_the_window(rng, window):
+    volume = torch.rand(2, 3, 7, 12, 15, generator=rng, dtype=torch.float64)  # the window can exceed an axis
+    ones = torch.ones(3, 1, window, window, window, dtype=torch.float64)
+    expected = F.conv3d(volume, ones, padding=window // 2, groups=3)
+    assert torch.allclose(_box_sums(volume, window), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("window", [3, 9])
