@@ -301,18 +301,24 @@ class WarpFunction(torch.autograd.Function):
 def warp_torch(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
     """The PyTorch twin of :func:`warp`, on ``F.grid_sample``.
 
-    The sample coordinates ``index + disp`` are built by broadcasting one
-    ``arange`` per axis against ``disp`` and normalised for
-    ``align_corners=True``; grid_sample orders them (W, H, D).
+    The sample coordinates ``index + disp``, normalised for ``align_corners=True``, are one addition per axis
+    (the scaled ``arange`` plus the scaled displacement) in grid_sample's order (W, H, D), written straight into
+    its grid when no gradient is wanted (stacked otherwise: ``out=`` has no autograd).
     """
     acc = compute_dtype(image, disp)
     if not image.is_floating_point() and image.numel() and image.abs().max() >= 2**24:
         acc = torch.float64  # float32 holds integer labels exactly only below 2**24
+    differentiable = torch.is_grad_enabled() and (image.requires_grad or disp.requires_grad)
+    grid = None if differentiable else torch.empty((disp.shape[0], *disp.shape[2:], 3), dtype=acc, device=disp.device)
     coords = []
     for axis, size in enumerate(image.shape[2:]):
-        index = torch.arange(size, dtype=acc, device=disp.device).view([-1 if a == axis else 1 for a in range(3)])
-        coords.append((index + disp[:, axis].to(acc)) * (2.0 / (size - 1)) - 1.0)
-    grid = torch.stack(coords[::-1], dim=-1)
+        scale = 2.0 / (size - 1)
+        index = torch.arange(size, dtype=acc, device=disp.device) * scale - 1.0
+        index = index.view([-1 if a == axis else 1 for a in range(3)])
+        into = None if grid is None else grid[..., 2 - axis]
+        coords.append(torch.add(index, disp[:, axis].to(acc), alpha=scale, out=into))
+    if grid is None:
+        grid = torch.stack(coords[::-1], dim=-1)
     out = F.grid_sample(image.to(acc), grid, mode=mode, padding_mode=padding, align_corners=True)
     return out.to(image.dtype)
 

@@ -98,9 +98,22 @@ def _skew(r: torch.Tensor) -> torch.Tensor:
     return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], 1).view(-1, 3, 3)
 
 
+def _rotation(r: torch.Tensor) -> torch.Tensor:
+    """``exp([r])``, ``(B, 3, 3)``, by Rodrigues' formula ``I + sin(t)/t K + (1 - cos(t))/t^2 K^2`` (``t = |r|``,
+    ``K = [r]``): a handful of ops where ``torch.linalg.matrix_exp`` takes hundreds on a CPU. Near ``t = 0`` the
+    two factors are their Taylor series (exact to float32 there), so the gradient stays finite at the start."""
+    k = _skew(r)
+    t2 = (r * r).sum(1)[:, None, None]
+    small = t2 < 1e-4
+    t = t2.clamp_min(1e-4).sqrt()
+    first = torch.where(small, 1 - t2 / 6, torch.sin(t) / t)
+    second = torch.where(small, 0.5 - t2 / 24, (1 - torch.cos(t)) / t2.clamp_min(1e-4))
+    return torch.eye(3, device=r.device) + first * k + second * (k @ k)
+
+
 def _matrix(rotation, shift, linear, base, centre, target) -> torch.Tensor:
     """``(B, 4, 4)``: ``y = exp([r]) base (I + E) (x - centre) + target + shift``."""
-    a = torch.linalg.matrix_exp(_skew(rotation)) @ base
+    a = _rotation(rotation) @ base
     if linear is not None:
         a = a @ (torch.eye(3, device=a.device) + linear)
     top = torch.cat([a, (target + shift - (a @ centre[..., None])[..., 0])[..., None]], 2)
@@ -144,8 +157,14 @@ def _moment_rotation(fixed_second: torch.Tensor, moving_second: torch.Tensor) ->
     return best.float()
 
 
-def _level(image: torch.Tensor, factor: int) -> torch.Tensor:
-    return F.avg_pool3d(image.float() / 255, factor)
+def _levels(fixed: torch.Tensor, moving: torch.Tensor, levels) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{factor: (fixed, moving)}``: both images 0..1 as means over ``factor``^3 blocks, each coarser level pooled
+    from the finer one (each factor divides the coarser ones), so the full resolution is read once."""
+    out, images, previous = {}, (fixed.float() / 255, moving.float() / 255), 1
+    for factor in sorted(levels):
+        images = tuple(F.avg_pool3d(image, factor // previous) for image in images)
+        out[factor], previous = images, factor
+    return out
 
 
 def _similarity(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int) -> torch.Tensor:
@@ -243,7 +262,7 @@ def estimate(
     # a caller's inference_mode or no_grad must not stop the optimisation: fresh tensors, grad on
     with torch.inference_mode(False), torch.enable_grad():
         fixed, moving = fixed.clone(), moving.clone()
-        coarse = {factor: (_level(fixed, factor), _level(moving, factor)) for factor in levels}
+        coarse = _levels(fixed, moving, levels)
         f4, m4 = coarse[levels[0]]
         with torch.no_grad():
             mass_f, centre_f, second_f = _moments(f4)

@@ -133,3 +133,28 @@ def test_bad_arguments_are_refused(brain):
         align.estimate(brain, brain, "rigid", "ssd")
     with pytest.raises(ValueError, match="divisible"):
         align.estimate(brain[..., :20], brain[..., :20], "rigid")
+
+
+def test_rodrigues_rotation_equals_the_matrix_exponential_and_has_a_gradient_at_zero(rng):
+    vectors = torch.cat(
+        [
+            torch.randn(6, 3, generator=rng, dtype=torch.float64),  # up to a few radians
+            1e-3 * torch.randn(3, 3, generator=rng, dtype=torch.float64),  # the Taylor branch
+            torch.zeros(1, 3, dtype=torch.float64),
+        ]
+    )
+    expected = torch.linalg.matrix_exp(align._skew(vectors))
+    assert torch.allclose(align._rotation(vectors), expected, atol=1e-9)
+    start = torch.zeros(1, 3, requires_grad=True)
+    align._rotation(start)[0, 0, 1].backward()  # d R_01 / d r at the identity: -1 along z
+    assert torch.allclose(start.grad, torch.tensor([[0.0, 0.0, -1.0]]))
+
+
+def test_levels_are_block_means_of_the_full_resolution_image(rng):
+    fixed, moving = (torch.randint(0, 256, (1, 1, 16, 24, 32), generator=rng, dtype=torch.uint8) for _ in range(2))
+    levels = align._levels(fixed, moving, (8, 4))
+    for factor in (8, 4):
+        for image, level in zip((fixed, moving), levels[factor]):
+            expected = image.double().div(255).unfold(2, factor, factor).unfold(3, factor, factor)
+            expected = expected.unfold(4, factor, factor).mean((-1, -2, -3))
+            assert torch.allclose(level.double(), expected, atol=1e-6)
