@@ -6,7 +6,8 @@ random shift of 10..30 mm, seeded) and aligns each posed copy back onto its
 original with :func:`lumireg.network.align.estimate`, at batch 1:
 
 - ``seconds``: the stage's time per pair (median over poses) for each mode and
-  similarity, the resampling of the moving image included, as the service runs it;
+  similarity, the resampling of the moving image included, as the service's default
+  request runs it (for its coarse pass: :func:`lumireg.network.align.resample_half`);
 - ``corner_error_mm``: the mean distance between where the estimated and the
   true matrices send the 8 corners of the brain's bounding box (mean and max
   over poses; the known-transform test asks for under 1 mm);
@@ -84,7 +85,7 @@ def benchmark(device: str, poses: int, modes: list[str], similarities: list[str]
 
     def run_stage(fixed, moving, mode, similarity):
         matrix, reports = align.estimate(fixed, moving, mode, similarity)
-        align.resample(moving, matrix)
+        align.resample_half(moving, matrix)
         if target.type == "cuda":
             torch.cuda.synchronize(target)
         return matrix, reports

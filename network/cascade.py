@@ -64,7 +64,7 @@ def resample_like(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Ten
     return _in_dtype(warp(moving.float(), displacement), moving.dtype)
 
 
-def _halved(image: torch.Tensor) -> torch.Tensor:
+def halve(image: torch.Tensor) -> torch.Tensor:
     """``(B, 1, D, H, W)`` -> ``(B, 1, D/2, H/2, W/2)``: means of 2x2x2 blocks, in ``image``'s dtype."""
     return _in_dtype(F.avg_pool3d(image.float(), 2), image.dtype)
 
@@ -75,10 +75,12 @@ def coarse_pass(
     """``network`` applied to the pair at half resolution, as a pass of the full-resolution pair.
 
     Both images are halved (means of 2x2x2 blocks; on the canvas 80 x 112 x 96, an eighth of the voxels, so an
-    eighth of a pass's work) and, where a halved size is no multiple of :data:`~lumireg.contract.SIZE_MULTIPLE`,
-    set in the middle of a zero volume of the next multiple (background, as around a brain). The velocity the
-    network finds for them lives on a grid of 4-voxel steps, in units of 4 voxels: the part under the halved
-    images is the pair's quarter-resolution velocity. D, H, W must be divisible by 4.
+    eighth of a pass's work; the moving image may come halved already, as
+    :func:`lumireg.network.align.resample_half` makes the aligned one) and, where a halved size is no multiple of
+    :data:`~lumireg.contract.SIZE_MULTIPLE`, set in the middle of a zero volume of the next multiple (background,
+    as around a brain). The velocity the network finds for them lives on a grid of 4-voxel steps, in units of 4
+    voxels: the part under the halved images is the pair's quarter-resolution velocity. D, H, W must be divisible
+    by 4.
 
     Returns:
         ``(fixed, moving) -> velocity``: ``(B, 3, D/4, H/4, W/4)`` quarter-resolution voxels (:func:`cascade`
@@ -95,10 +97,12 @@ def coarse_pass(
         inner = tuple(slice(s, s + h) for s, h in zip(start, half))
 
         def halved(image):
+            if tuple(image.shape[2:]) != tuple(half):  # not yet halved (an aligned image may come halved)
+                image = halve(image)
             if framed == half:
-                return _halved(image)
+                return image
             out = image.new_zeros((*image.shape[:2], *framed))
-            out[(..., *inner)] = _halved(image)
+            out[(..., *inner)] = image
             return out
 
         velocity = network(halved(fixed), halved(moving)).float()
@@ -139,7 +143,8 @@ def cascade(
         matrix: ``(B, 4, 4)`` pull-back affine in voxels (:func:`lumireg.network.align.estimate`) the passes start
             from: the whole transform is ``x -> M (x + u(x))``, and every pass after the first sees ``moving``
             resampled once through it and the passes before, not an aligned copy resampled again.
-        aligned: ``moving`` already resampled through ``matrix`` (the first pass's input), when the caller has it.
+        aligned: ``moving`` already resampled through ``matrix`` (the first pass's input), when the caller has it;
+            halved (:func:`lumireg.network.align.resample_half`) when the first pass is the coarse one.
 
     Returns:
         ``(displacement, velocities)``: the composed ``(B, 3, D, H, W)`` float32

@@ -31,10 +31,10 @@ from lumireg.contract import (
     OUTPUT_NAMES,
 )
 from lumireg.kernels import warp
-from lumireg.network.align import compose_inverse
+from lumireg.network.align import compose_inverse, resample_half
 from lumireg.network.align import estimate as estimate_alignment
 from lumireg.network.align import resample as resample_aligned
-from lumireg.network.cascade import cascade, cascade_inverse, resample_like
+from lumireg.network.cascade import cascade, cascade_inverse, halve, resample_like
 from lumireg.network.contrast import apply_map, decide, intensity_map
 from lumireg.network.refine import refine as refine_velocity
 from lumireg.service.quality import quality_report, with_alignment
@@ -119,7 +119,8 @@ def transform(
         refine: instance optimisation steps on the last pass's velocity (:func:`lumireg.network.refine.refine`).
         similarity: refinement's similarity, ``"ncc"`` or ``"mi"``; the alignment's too (local NCC or MI).
         align: ``"none"``, or ``"rigid"`` / ``"affine"``: the moving image is first aligned to the fixed one
-            (:func:`lumireg.network.align.estimate`), the first pass runs on the aligned pair, each later one on
+            (:func:`lumireg.network.align.estimate`), the first pass runs on the aligned pair (a coarse pass on
+            the moving image halved, then aligned: :func:`lumireg.network.align.resample_half`), each later one on
             the moving image resampled once through the affine and the passes before it, and the displacement
             returned is the whole transform (the network's, then the affine).
         contrast: ``"same"``, or ``"other"`` for images of different contrasts: the network sees the
@@ -149,12 +150,16 @@ def transform(
     if align != "none":
         with timer.stage("align", device):
             matrix, alignment = estimate_alignment(fixed, moving, align, similarity)
-            aligned = resample_aligned(moving, matrix)
+            # what the first pass sees of the aligned image: a coarse pass only its halves (an eighth of the cost)
+            aligned = (resample_half if coarse else resample_aligned)(moving, matrix)
     start, before = time.perf_counter(), sum(timer.seconds.get(name, 0.0) for name in ("network", "refine"))
     first = moving if aligned is None else aligned  # what the first pass sees
-    decisions = decide(fixed, first, contrast)
+    decisions = decide(fixed if first.shape == fixed.shape else halve(fixed), first, contrast)
     other = [b for b, decision in enumerate(decisions) if decision["used"] == "other"]
     if other:
+        if first.shape != fixed.shape:  # the contrast map runs the network on the whole aligned pair
+            with timer.stage("align", device):
+                aligned = first = resample_aligned(moving, matrix)
         # the map is estimated on the aligned pair and applied to the image each pass resamples
         tables = contrast_map(timed_network, fixed[other], first[other], steps)
 
