@@ -44,7 +44,7 @@ def exact_float32() -> None:
     """Turn TF32 off in this process, for cuDNN's convolutions (on by default) and CUDA matrix products.
 
     TF32 rounds the network's inputs to 10 mantissa bits; the velocities, and
-    the fields integrated from them, would then move by more than the 1e-3
+    the fields integrated from them, would then move by more than the 2e-3
     voxels the served-vs-in-process tests promise. Both python-backend models
     call this in ``initialize`` (:func:`lumireg.service.backend.use_instance_device`),
     and :func:`network_runner` and :func:`register_in_process` call it in process,
