@@ -134,9 +134,14 @@ class InProcessClient(RegistrationClient):
         }
 
 
+def _canvas_grid() -> np.ndarray:
+    """``(3, *CANVAS)`` float64: each canvas voxel's own index."""
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in CANVAS], indexing="ij"))
+
+
 def _world_map(coordinates: np.ndarray) -> np.ndarray:
     """``(3, X, Y, Z)`` RAS mm world points of the fixed voxels -> their displacement in fixed voxels."""
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in CANVAS], indexing="ij"))
+    grid = _canvas_grid()
     inverse = np.linalg.inv(fixed_affine())
     voxels = np.einsum("ij,j...->i...", inverse[:3, :3], coordinates) + inverse[:3, 3, None, None, None]
     return (voxels - grid).astype(np.float32)
@@ -145,7 +150,7 @@ def _world_map(coordinates: np.ndarray) -> np.ndarray:
 def world_anchored(pair: dict, disp: np.ndarray) -> np.ndarray:
     """A displacement of the unposed pair (``(3, *CANVAS)`` fixed voxels into the unposed moving canvas) as the
     posed pair's world-anchored one (:func:`on_fixed_grid`): each mapped point carried through the head's motion."""
-    mapped = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in CANVAS], indexing="ij")) + disp
+    mapped = _canvas_grid() + disp
     motion = pair["world"] @ fixed_affine()
     return _world_map(np.einsum("ij,j...->i...", motion[:3, :3], mapped) + motion[:3, 3, None, None, None])
 
