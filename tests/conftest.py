@@ -98,6 +98,17 @@ def _in_process(pair, passes: int, coarse: int = DEFAULT_COARSE) -> dict:
 
 
 @pytest.fixture(scope="session")
+def served_voxels() -> float:
+    """How far, in voxels, a served displacement may be from :func:`in_process`'s at any voxel.
+
+    The served network runs in ONNX Runtime, the in-process one in PyTorch: their velocities differ by about 1e-5
+    half-resolution voxels (the export's parity check), and the inverse's scaling and squaring composes that
+    difference with itself 7 times; the largest voxel measured 1.01e-3 with the fine-tuned weights.
+    """
+    return 2e-3
+
+
+@pytest.fixture(scope="session")
 def in_process(pair):
     """What the server answers by default (``passes`` at its default), computed in process."""
     return _in_process(pair, DEFAULT_PASSES)
