@@ -147,23 +147,26 @@ def _register_posed(method: str, pair: dict, model, request: dict | None) -> tup
     if method == "syn":
         return pose.register_syn(pair)
     # only the request's own parameters: the client adds align=affine for a scan not on LUMIR's canvas
-    given = dict(REQUESTS[method])
-    if "similarity" in given:
-        given["refine"] = request["refine"]
+    given = _given(method, request["refine"])
     return pose.register_lumireg(pair, pose.InProcessClient(_network(model), model.config.steps), given)
 
 
 REGISTER = {"none": _register_none, "syn": _register_syn}
 
 
+def _given(method: str, refine_steps: int) -> dict:
+    """The request parameters lumireg method ``method`` sends, the refinement's steps filled in (unchecked)."""
+    given = dict(REQUESTS[method])
+    if "similarity" in given:
+        given["refine"] = refine_steps
+    return given
+
+
 def _request(method: str, refine_steps: int) -> dict:
     """The request parameters of lumireg method ``method``, checked as the service checks them."""
     from lumireg.contract import request_parameters
 
-    request = dict(REQUESTS[method])
-    if "similarity" in request:
-        request["refine"] = refine_steps
-    return request_parameters(request)
+    return request_parameters(_given(method, refine_steps))
 
 
 def score(
