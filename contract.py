@@ -203,7 +203,8 @@ PARAMETERS: dict[str, Parameter] = {
     "similarity": Parameter(
         str,
         "ncc",
-        "refinement's similarity: ncc (local NCC, same contrast) or mi (mutual information, across contrasts)",
+        "refinement's similarity: ncc (local NCC; across contrasts, on the moving image the contrast map has put in "
+        "the fixed image's contrast) or mi (mutual information)",
         choices=("ncc", "mi"),
     ),
     # default auto: on the held-out T1/T2 pairs the network alone scored Dice 0.23, below no registration (0.49),

@@ -415,8 +415,8 @@ class RegistrationClient:
                 None: the server's default.
             refine: instance optimisation steps on the server (request parameter ``refine``,
                 0..:data:`~lumireg.contract.MAX_REFINE_STEPS`); None: the server's default.
-            similarity: refinement's similarity, ``"ncc"`` (same contrast) or ``"mi"``
-                (across contrasts); None: the server's default.
+            similarity: refinement's similarity, ``"ncc"`` (local NCC; across contrasts on the moving image
+                mapped to the fixed image's contrast) or ``"mi"``; None: the server's default.
             contrast: ``"same"``, or ``"other"`` when the two images have different contrasts
                 (T1 and T2, FLAIR), or ``"auto"`` (the server tells T1 against T2 apart by the images'
                 brain intensity correlation); None: the server's default (auto).
