@@ -94,7 +94,8 @@ def refine(
         velocity: ``(B, 3, D/2, H/2, W/2)`` float32, half-resolution voxels (the network's output).
         fixed, moving: ``(B, 1, D, H, W)``, 0..255 (uint8 as served, or float), on the velocity's device.
         iterations: optimisation steps (0 returns ``velocity`` as is, with no reports).
-        similarity: ``"ncc"`` (same contrast) or ``"mi"`` (across contrasts).
+        similarity: ``"ncc"`` or ``"mi"``; across contrasts the service passes the moving image mapped to the
+            fixed image's contrast (:mod:`lumireg.network.contrast`), where NCC did best on held-out pairs.
         steps: scaling-and-squaring steps (the network's).
         learning_rate: Adam's, half-resolution voxels per step (default: :data:`LEARNING_RATES` of ``similarity``).
         smooth_weight: the smoothness term's weight, on the whole refined velocity.
