@@ -154,9 +154,10 @@ def test_refine_parameter_refines_the_networks_answer_on_the_server(client, pair
     assert record["after"] > record["before"]
     expected = _in_process_refined(pair, 2)
     difference = np.abs(refined.as_numpy("displacement") - expected)
-    # ONNX vs PyTorch network (1e-5 apart), then two Adam steps: Adam's first steps move every velocity element by
-    # about the learning rate whatever its gradient's size, so where a gradient is near 0 the two can step opposite
-    # ways; a few voxels may differ by up to 2 steps x 2 x the NCC's learning rate (half-resolution voxels), no more
+    # ONNX vs PyTorch network (1e-5 apart), then two Adam steps: Adam's first steps move every element of the
+    # update grid by about the learning rate whatever its gradient's size (the trilinear upsampling onto the velocity
+    # moves no voxel further), so where a gradient is near 0 the two can step opposite ways; a few voxels may differ
+    # by up to 2 steps x 2 x the NCC's learning rate (half-resolution voxels), no more
     assert np.median(difference) <= 1e-3 and np.quantile(difference, 0.999) <= 1e-2
     assert difference.max() <= 2 * 2 * LEARNING_RATES["ncc"] * 2  # full-resolution voxels
     assert np.abs(expected - in_process["displacement"]).max() > 0.05  # refinement moved the field
